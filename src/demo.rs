@@ -1,0 +1,1 @@
+//! The `raftwire demo` run.

@@ -1,0 +1,167 @@
+//! Error types, and the one place transport failures become openraft errors.
+
+use std::fmt;
+use std::io;
+use std::time::Duration;
+
+use openraft::errors::NetworkError;
+use openraft::errors::RPCError;
+use openraft::errors::StreamingError;
+use openraft::errors::Timeout;
+use openraft::errors::Unreachable;
+use openraft::network::RPCTypes;
+
+use crate::types::RaftWireConfig;
+
+/// A [`Config`](crate::Config) that cannot work.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A setting is out of range.
+    #[error("config field `{field}` must be {requirement}, got {value}")]
+    Invalid {
+        /// The builder method / field name.
+        field: &'static str,
+        /// What the value must satisfy.
+        requirement: &'static str,
+        /// The value given.
+        value: String,
+    },
+    /// A transport name that is not known or not compiled in.
+    #[error("unknown transport `{0}` (compiled in: {compiled})", compiled = crate::config::compiled_transports())]
+    UnknownTransport(String),
+}
+
+/// A message that does not decode: names the field path (`entries[3].log_id`) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("field `{path}`: {reason}")]
+pub struct DecodeError {
+    path: String,
+    reason: String,
+}
+
+impl DecodeError {
+    /// A required field is absent.
+    pub fn missing(field: &str) -> Self {
+        DecodeError { path: field.to_string(), reason: "required field is missing".to_string() }
+    }
+
+    /// A field is present but its value is invalid.
+    pub fn invalid(field: &str, why: impl fmt::Display) -> Self {
+        DecodeError { path: field.to_string(), reason: why.to_string() }
+    }
+
+    /// Prefixes the path with the enclosing field: `log_id` within `entries[3]`.
+    pub fn within(mut self, parent: &str) -> Self {
+        self.path = if self.path.is_empty() { parent.to_string() } else { format!("{parent}.{}", self.path) };
+        self
+    }
+
+    /// The dotted path of the offending field.
+    pub fn field(&self) -> &str {
+        &self.path
+    }
+}
+
+/// An application value its [`WireMessage`](crate::WireMessage) impl could not encode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot encode value: {0}")]
+pub struct EncodeError(pub String);
+
+/// Why a call to a peer failed, before it is turned into an openraft error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The connection (TCP, TLS or protocol handshake) could not be made.
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect {
+        /// The peer address.
+        addr: String,
+        /// The underlying failure.
+        reason: String,
+    },
+    /// No answer within the deadline.
+    #[error("{rpc} got no answer within {after:?}")]
+    Timeout {
+        /// The RPC kind.
+        rpc: RPCTypes,
+        /// The deadline that passed.
+        after: Duration,
+    },
+    /// An established call or stream broke.
+    #[error("{rpc} call broke: {reason}")]
+    Broken {
+        /// The RPC kind.
+        rpc: RPCTypes,
+        /// The underlying failure.
+        reason: String,
+    },
+    /// The peer answered with an error of its own (its Raft stopped, or it refused our input).
+    #[error("peer refused {rpc}: {reason}")]
+    Remote {
+        /// The RPC kind.
+        rpc: RPCTypes,
+        /// The peer's explanation.
+        reason: String,
+    },
+    /// The peer's reply did not decode.
+    #[error("reply to {rpc} does not decode: {source}")]
+    Decode {
+        /// The RPC kind.
+        rpc: RPCTypes,
+        /// The decode failure.
+        source: DecodeError,
+    },
+    /// A value of ours could not be encoded.
+    #[error(transparent)]
+    Encode(#[from] EncodeError),
+    /// Reading the local snapshot failed.
+    #[error("reading the snapshot to send failed: {0}")]
+    SnapshotRead(#[source] io::Error),
+}
+
+impl TransportError {
+    /// Maps a transport failure into openraft's error kinds. This and
+    /// [`TransportError::into_streaming`] are the only places that decide it:
+    /// - `Connect`: `Unreachable` (openraft backs off);
+    /// - `Remote`: `Unreachable` too: `RPCError<C>` has no constructible remote variant, and a
+    ///   peer whose Raft refuses or stopped deserves the same long backoff;
+    /// - `Timeout`: `Timeout`;
+    /// - everything else: `Network` (retried soon).
+    pub(crate) fn into_rpc<C: RaftWireConfig>(self, local: u64, target: u64) -> RPCError<C> {
+        match self {
+            TransportError::Connect { .. } | TransportError::Remote { .. } => {
+                RPCError::Unreachable(Unreachable::new(&self))
+            }
+            TransportError::Timeout { rpc, after } => RPCError::Timeout(Timeout { action: rpc, id: local, target, timeout: after }),
+            _ => RPCError::Network(NetworkError::new(&self)),
+        }
+    }
+
+    /// The same mapping for snapshot transfers.
+    pub(crate) fn into_streaming<C: RaftWireConfig>(self, local: u64, target: u64) -> StreamingError<C> {
+        match self.into_rpc::<C>(local, target) {
+            RPCError::Unreachable(e) => StreamingError::Unreachable(e),
+            RPCError::Timeout(e) => StreamingError::Timeout(e),
+            RPCError::Network(e) => StreamingError::Network(e),
+            RPCError::RemoteError(e) => match e.source {},
+        }
+    }
+}
+
+/// Why a [`Server`](crate::Server) could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Binding the listening socket failed.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The requested address.
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The serving loop failed.
+    #[error("server failed: {0}")]
+    Serve(String),
+}

@@ -1,0 +1,271 @@
+//! The `RaftNetworkFactory`: a per-peer connection cache and the `Network` it hands out.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use futures::Stream;
+use futures::StreamExt;
+use openraft::RaftNetworkFactory;
+use openraft::alias::SnapshotOf;
+use openraft::alias::VoteOf;
+use openraft::base::BoxFuture;
+use openraft::base::BoxStream;
+use openraft::errors::RPCError;
+use openraft::errors::ReplicationClosed;
+use openraft::errors::StreamingError;
+use openraft::network::RPCOption;
+use openraft::network::RaftNetworkV2;
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::AppendEntriesResponse;
+use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
+
+use crate::config::Config;
+use crate::config::Transport;
+use crate::snapshot::SnapshotData;
+use crate::stats::NetworkStats;
+use crate::stats::Stats;
+use crate::types::PeerAddr;
+use crate::types::RaftWireConfig;
+
+#[cfg(feature = "grpc")]
+use crate::grpc;
+
+/// Which connection of a peer a client uses. Heartbeats and snapshots get their own so that
+/// neither waits behind bulk replication (HTTP/2 streams on one TCP connection still share
+/// its head-of-line blocking).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Purpose {
+    Replication,
+    Heartbeat,
+    Snapshot,
+}
+
+/// One connection to one peer, of the configured transport.
+#[derive(Clone)]
+enum Lane {
+    #[cfg(feature = "grpc")]
+    Grpc(Arc<grpc::Lane>),
+}
+
+impl Lane {
+    fn new(transport: Transport, addr: &str, config: &Config, stats: Stats) -> Self {
+        match transport {
+            #[cfg(feature = "grpc")]
+            Transport::Grpc => Lane::Grpc(Arc::new(grpc::Lane::new(addr, config, stats))),
+        }
+    }
+}
+
+struct Peer {
+    addr: String,
+    lanes: HashMap<Purpose, Lane>,
+}
+
+/// openraft's network factory for raftwire: hands out [`Network`] clients that share one
+/// cached connection per peer and purpose.
+///
+/// `new_client` (replication and elections), `new_heartbeat_client` and
+/// `new_snapshot_client` each use their own connection to a peer. Connections are made on
+/// first use, reused by every later client, and made again after a failure. A peer whose
+/// address changes gets fresh connections.
+///
+/// `SD` is the state machine's snapshot data type.
+pub struct NetworkFactory<C, SD> {
+    local_id: u64,
+    config: Arc<Config>,
+    peers: Arc<Mutex<HashMap<u64, Peer>>>,
+    stats: Stats,
+    _types: PhantomData<fn() -> (C, SD)>,
+}
+
+impl<C, SD> Clone for NetworkFactory<C, SD> {
+    fn clone(&self) -> Self {
+        NetworkFactory {
+            local_id: self.local_id,
+            config: self.config.clone(),
+            peers: self.peers.clone(),
+            stats: self.stats.clone(),
+            _types: PhantomData,
+        }
+    }
+}
+
+impl<C, SD> NetworkFactory<C, SD>
+where
+    C: RaftWireConfig,
+    SD: SnapshotData,
+{
+    /// A factory for the node `local_id` (used in timeout reports).
+    pub fn new(local_id: u64, config: Config) -> Self {
+        NetworkFactory {
+            local_id,
+            config: Arc::new(config),
+            peers: Arc::default(),
+            stats: Stats::default(),
+            _types: PhantomData,
+        }
+    }
+
+    /// Counters of the traffic of every client this factory made.
+    pub fn stats(&self) -> NetworkStats {
+        self.stats.snapshot()
+    }
+
+    fn client(&self, target: u64, node: &C::Node, purpose: Purpose) -> Network<C, SD> {
+        let addr = node.peer_addr();
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peer = peers.entry(target).or_insert_with(|| Peer { addr: addr.to_string(), lanes: HashMap::new() });
+        if peer.addr != addr {
+            tracing::info!(target, old = %peer.addr, new = addr, "peer address changed; reconnecting");
+            *peer = Peer { addr: addr.to_string(), lanes: HashMap::new() };
+        }
+        let lane = peer
+            .lanes
+            .entry(purpose)
+            .or_insert_with(|| Lane::new(self.config.transport, addr, &self.config, self.stats.clone()))
+            .clone();
+        Network { local_id: self.local_id, target, config: self.config.clone(), lane, _types: PhantomData }
+    }
+}
+
+impl<C, SD> RaftNetworkFactory<C> for NetworkFactory<C, SD>
+where
+    C: RaftWireConfig,
+    SD: SnapshotData,
+{
+    type Network = Network<C, SD>;
+
+    async fn new_client(&mut self, target: u64, node: &C::Node) -> Self::Network {
+        self.client(target, node, Purpose::Replication)
+    }
+
+    async fn new_heartbeat_client(&mut self, target: u64, node: &C::Node) -> Self::Network {
+        self.client(target, node, Purpose::Heartbeat)
+    }
+
+    async fn new_snapshot_client(&mut self, target: u64, node: &C::Node) -> Self::Network {
+        self.client(target, node, Purpose::Snapshot)
+    }
+}
+
+/// A client to one peer over one cached connection; see [`NetworkFactory`].
+pub struct Network<C, SD> {
+    local_id: u64,
+    target: u64,
+    config: Arc<Config>,
+    lane: Lane,
+    _types: PhantomData<fn() -> (C, SD)>,
+}
+
+impl<C, SD> RaftNetworkV2<C> for Network<C, SD>
+where
+    C: RaftWireConfig,
+    SD: SnapshotData,
+{
+    type SnapshotData = SD;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<C>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
+        let deadline = self.config.deadline(option.soft_ttl());
+        let result = match &self.lane {
+            #[cfg(feature = "grpc")]
+            Lane::Grpc(lane) => lane.append(&rpc, deadline).await,
+        };
+        result.map_err(|e| e.into_rpc(self.local_id, self.target))
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult<C>, RPCError<C>>>, RPCError<C>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<C>> + Send + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let (local, target) = (self.local_id, self.target);
+            let deadline = self.config.deadline(option.soft_ttl());
+            let replies = match &self.lane {
+                #[cfg(feature = "grpc")]
+                Lane::Grpc(lane) => lane.stream_append(input, &self.config, deadline).await,
+            };
+            let replies = replies.map_err(|e| e.into_rpc(local, target))?;
+            let out: BoxStream<'s, _> = Box::pin(replies.map(move |r| r.map_err(|e| e.into_rpc(local, target))));
+            Ok(out)
+        })
+    }
+
+    async fn vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
+        self.vote_or_pre_vote(rpc, option, false).await
+    }
+
+    async fn pre_vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
+        self.vote_or_pre_vote(rpc, option, true).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<C>,
+        snapshot: SnapshotOf<C, SD>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
+        let chunk = option.snapshot_chunk_size().unwrap_or(self.config.snapshot_chunk_size).max(1);
+        // A deadline on progress, never on the whole transfer: at least openraft's own.
+        let idle = self.config.snapshot_idle_timeout.max(option.soft_ttl());
+        let send = async {
+            match &self.lane {
+                #[cfg(feature = "grpc")]
+                Lane::Grpc(lane) => lane.send_snapshot::<C, SD>(&vote, &snapshot.meta, snapshot.snapshot, chunk, idle).await,
+            }
+        };
+        tokio::select! {
+            result = send => result.map_err(|e| e.into_streaming(self.local_id, self.target)),
+            closed = cancel => Err(StreamingError::Closed(closed)),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<C>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
+        let deadline = self.config.deadline(option.soft_ttl());
+        let result = match &self.lane {
+            #[cfg(feature = "grpc")]
+            Lane::Grpc(lane) => lane.transfer_leader(&req, deadline).await,
+        };
+        result.map_err(|e| e.into_rpc(self.local_id, self.target))
+    }
+}
+
+impl<C, SD> Network<C, SD>
+where
+    C: RaftWireConfig,
+    SD: SnapshotData,
+{
+    async fn vote_or_pre_vote(
+        &mut self,
+        rpc: VoteRequest<C>,
+        option: RPCOption,
+        pre_vote: bool,
+    ) -> Result<VoteResponse<C>, RPCError<C>> {
+        let deadline = self.config.deadline(option.soft_ttl());
+        let result = match &self.lane {
+            #[cfg(feature = "grpc")]
+            Lane::Grpc(lane) => lane.vote(&rpc, pre_vote, deadline).await,
+        };
+        result.map_err(|e| e.into_rpc(self.local_id, self.target))
+    }
+}

@@ -1,0 +1,18 @@
+//! gRPC transport (tonic + prost over HTTP/2).
+
+mod client;
+mod convert;
+mod server;
+
+pub(crate) use client::Lane;
+pub(crate) use server::RaftService;
+
+/// The protobuf messages and tonic service of `proto/raftwire.proto`, for interoperating
+/// peers and for tests that speak the wire protocol directly.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("raftwire.v1");
+}
+
+/// Metadata key set on every error status raftwire's server produces itself.
+pub(crate) const ERROR_MARK: &str = "raftwire-error";
