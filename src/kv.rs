@@ -261,6 +261,7 @@ struct SmData {
     last_membership: KvMembership,
     snapshot: Option<(KvSnapshotMeta, Bytes)>,
     snapshot_seq: u64,
+    snapshots_installed: u64,
 }
 
 /// In-memory state machine. Clones share the same data, so tests can read what was applied.
@@ -282,6 +283,11 @@ impl StateMachine {
     /// A copy of every key and value applied on this node.
     pub fn dump(&self) -> BTreeMap<String, Bytes> {
         self.data().kv.clone()
+    }
+
+    /// How many snapshots from a leader this state machine installed.
+    pub fn snapshots_installed(&self) -> u64 {
+        self.data().snapshots_installed
     }
 
     /// The log id of the last applied entry.
@@ -382,6 +388,7 @@ impl RaftStateMachine<KvConfig> for StateMachine {
         d.last_applied = meta.last_log_id;
         d.last_membership = meta.last_membership.clone();
         d.snapshot = Some((meta.clone(), bytes));
+        d.snapshots_installed += 1;
         Ok(())
     }
 
@@ -476,11 +483,11 @@ impl KvNode {
 
     /// Stops Raft and the server; the stores are kept for [`KvNode::restart`].
     pub async fn stop(&mut self) -> Result<(), NodeError> {
-        let raft = self.raft.shutdown().await.map_err(|e| NodeError::new(format!("stop raft of node {}", self.id), e));
+        // Server first: peers' calls stop reaching a Raft that is going away.
         if let Some(server) = self.server.take() {
             server.shutdown().await.map_err(|e| NodeError::new(format!("stop server of node {}", self.id), e))?;
         }
-        raft
+        self.raft.shutdown().await.map_err(|e| NodeError::new(format!("stop raft of node {}", self.id), e))
     }
 
     /// Starts a stopped node again on the same address and stores.
