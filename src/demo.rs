@@ -88,8 +88,8 @@ pub fn raft_config() -> Arc<openraft::Config> {
     let config = openraft::Config {
         cluster_name: "raftwire-demo".into(),
         heartbeat_interval: 100,
-        election_timeout_min: 400,
-        election_timeout_max: 800,
+        election_timeout_min: 600,
+        election_timeout_max: 1200,
         install_snapshot_timeout: 2000,
         snapshot_policy: openraft::SnapshotPolicy::Never,
         max_in_snapshot_log_to_keep: 0,
@@ -138,6 +138,23 @@ async fn await_leader(node: &KvNode, not: Option<u64>) -> Result<u64, NodeError>
     m.current_leader.ok_or_else(|| NodeError::new("wait for a leader", "metrics lost the leader"))
 }
 
+/// Initializes a single-node cluster of `node` and waits until it leads with its membership
+/// committed (so that learners can be added right away).
+pub async fn initialize_alone(node: &KvNode) -> Result<(), NodeError> {
+    let step = || format!("initialize node {}", node.id);
+    node.raft.initialize(BTreeMap::from([(node.id, node.node())])).await.map_err(|e| NodeError::new(step(), e))?;
+    let id = node.id;
+    node.raft
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(
+            |m| m.current_leader == Some(id) && m.last_applied.is_some_and(|l| l.leader_id.term > 0),
+            "leading with a committed entry of its own term",
+        )
+        .await
+        .map_err(|e| NodeError::new(step(), e))?;
+    Ok(())
+}
+
 /// Waits until `node` has applied at least `index`.
 pub async fn await_applied(node: &KvNode, index: u64) -> Result<(), NodeError> {
     node.raft
@@ -164,12 +181,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
 
     say.step("initializing node 1");
     let n1 = node(&nodes, 1)?;
-    n1.raft
-        .initialize(BTreeMap::from([(1, n1.node())]))
-        .await
-        .map_err(|e| DemoError { step: "initialize", reason: e.to_string() })?;
-    let leader = await_leader(n1, None).await.map_err(fail("initialize"))?;
-    check("initialize", leader == 1, || format!("expected node 1 to lead, got {leader}"))?;
+    initialize_alone(n1).await.map_err(fail("initialize"))?;
 
     say.step("adding nodes 2 and 3 as learners");
     for id in [2, 3] {

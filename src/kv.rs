@@ -38,6 +38,7 @@ use crate::DecodeError;
 use crate::EncodeError;
 use crate::NetworkFactory;
 use crate::Server;
+use crate::SnapshotSink;
 use crate::WireLeaderId;
 use crate::WireMessage;
 
@@ -421,6 +422,7 @@ pub struct KvNode {
     addr: SocketAddr,
     raft_config: Arc<openraft::Config>,
     net_config: Config,
+    sink: Option<Arc<dyn SnapshotSink<KvSnapshotData>>>,
 }
 
 /// A step of running a demo node that failed.
@@ -447,28 +449,51 @@ impl KvNode {
         net_config: Config,
         addr: SocketAddr,
     ) -> Result<KvNode, NodeError> {
-        Self::start_with(id, raft_config, net_config, addr, LogStore::default(), StateMachine::default()).await
+        Self::start_inner(id, raft_config, net_config, addr, LogStore::default(), StateMachine::default(), None).await
     }
 
-    async fn start_with(
+    /// Starts node `id` like [`KvNode::start`], receiving snapshots through `sink` (tests use
+    /// it to slow a receiver down).
+    pub async fn start_with_sink(
+        id: u64,
+        raft_config: Arc<openraft::Config>,
+        net_config: Config,
+        addr: SocketAddr,
+        sink: impl SnapshotSink<KvSnapshotData>,
+    ) -> Result<KvNode, NodeError> {
+        let (log, sm) = (LogStore::default(), StateMachine::default());
+        Self::start_inner(id, raft_config, net_config, addr, log, sm, Some(Arc::new(sink))).await
+    }
+
+    async fn start_inner(
         id: u64,
         raft_config: Arc<openraft::Config>,
         net_config: Config,
         addr: SocketAddr,
         log: LogStore,
         sm: StateMachine,
+        sink: Option<Arc<dyn SnapshotSink<KvSnapshotData>>>,
     ) -> Result<KvNode, NodeError> {
         let network = NetworkFactory::new(id, net_config.clone());
         let raft = openraft::Raft::new(id, raft_config.clone(), network.clone(), log.clone(), sm.clone())
             .await
             .map_err(|e| NodeError::new(format!("start raft on node {id}"), e))?;
-        let server = Server::builder(raft.clone())
-            .config(net_config.clone())
+        let mut builder = Server::builder(raft.clone()).config(net_config.clone());
+        if let Some(sink) = sink.clone() {
+            builder = builder.snapshot_sink(move || sink.create());
+        }
+        let server = builder
             .bind(addr)
             .await
             .map_err(|e| NodeError::new(format!("start server of node {id}"), e))?;
         let addr = server.local_addr();
-        Ok(KvNode { id, raft, network, log, sm, server: Some(server), addr, raft_config, net_config })
+        Ok(KvNode { id, raft, network, log, sm, server: Some(server), addr, raft_config, net_config, sink })
+    }
+
+    /// The latest Raft metrics of this node.
+    pub fn metrics(&self) -> openraft::RaftMetrics<KvConfig> {
+        use openraft::async_runtime::watch::WatchReceiver;
+        self.raft.metrics().borrow_watched().clone()
     }
 
     /// The address this node serves on.
@@ -490,9 +515,9 @@ impl KvNode {
         self.raft.shutdown().await.map_err(|e| NodeError::new(format!("stop raft of node {}", self.id), e))
     }
 
-    /// Starts a stopped node again on the same address and stores.
+    /// Starts a stopped node again on the same address, stores and snapshot sink.
     pub async fn restart(self) -> Result<KvNode, NodeError> {
-        Self::start_with(self.id, self.raft_config, self.net_config, self.addr, self.log, self.sm).await
+        Self::start_inner(self.id, self.raft_config, self.net_config, self.addr, self.log, self.sm, self.sink).await
     }
 
     /// Writes `key = value` through Raft (this node must be the leader).

@@ -1,0 +1,219 @@
+//! Cluster behaviour over real sockets on 127.0.0.1, on every compiled transport.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::Cluster;
+use common::loopback;
+use futures::StreamExt;
+use raftwire::Config;
+use raftwire::Transport;
+use raftwire::demo;
+use raftwire::kv::KvNode;
+use raftwire::kv::KvSnapshotData;
+
+on_every_transport!(
+    election,
+    ten_thousand_writes_are_identical_everywhere,
+    replication_is_pipelined,
+    leader_crash_loses_no_acknowledged_write,
+    snapshot_in_chunks_reaches_learner_after_purge,
+    membership_change,
+    restarted_follower_reconnects,
+    heartbeats_flow_while_snapshot_streams,
+);
+
+async fn write_many(node: &KvNode, n: u64, value: Bytes, concurrency: usize) {
+    let mut writes = futures::stream::iter(0..n)
+        .map(|i| node.write(format!("k{i:06}"), value.clone()))
+        .buffer_unordered(concurrency);
+    while let Some(r) = writes.next().await {
+        r.unwrap();
+    }
+}
+
+fn applied(node: &KvNode) -> u64 {
+    node.sm.last_applied().map_or(0, |l| l.index)
+}
+
+async fn election(transport: Transport) {
+    let c = Cluster::voters(transport, 3).await;
+    for id in 1..=3 {
+        assert_eq!(c.await_leader(id, None).await, 1, "node {id} sees node 1 lead");
+    }
+    let m = c.node(1).metrics();
+    assert_eq!(m.membership_config.membership().voter_ids().collect::<BTreeSet<_>>(), BTreeSet::from([1, 2, 3]));
+    c.shutdown().await;
+}
+
+async fn ten_thousand_writes_are_identical_everywhere(transport: Transport) {
+    let c = Cluster::voters(transport, 3).await;
+    write_many(c.node(1), 10_000, Bytes::from_static(b"value"), 64).await;
+    let target = applied(c.node(1));
+    for id in 2..=3 {
+        c.await_applied(id, target).await;
+    }
+    let reference = c.node(1).sm.dump();
+    assert_eq!(reference.len(), 10_000);
+    for id in 2..=3 {
+        assert_eq!(c.node(id).sm.dump(), reference, "node {id} differs from the leader");
+    }
+    c.shutdown().await;
+}
+
+async fn replication_is_pipelined(transport: Transport) {
+    let c = Cluster::voters(transport, 3).await;
+    write_many(c.node(1), 3_000, Bytes::from(vec![1u8; 1024]), 256).await;
+    let stats = c.node(1).network.stats();
+    assert!(stats.max_in_flight > 1, "never more than one request in flight: {stats:?}");
+    c.shutdown().await;
+}
+
+async fn leader_crash_loses_no_acknowledged_write(transport: Transport) {
+    let mut c = Cluster::voters(transport, 3).await;
+    write_many(c.node(1), 1_000, Bytes::from_static(b"acked"), 32).await;
+    let mut old = c.nodes.remove(&1).unwrap();
+    old.stop().await.unwrap();
+    let new_leader = c.await_leader(2, Some(1)).await;
+    assert_ne!(new_leader, 1);
+    let leader = c.node(new_leader);
+    leader.read("k000000").await.unwrap();
+    for i in 0..1_000 {
+        assert_eq!(leader.sm.get(&format!("k{i:06}")).as_deref(), Some(&b"acked"[..]), "write {i} lost");
+    }
+    // The new leader accepts writes.
+    leader.write("after-failover", "x").await.unwrap();
+    c.shutdown().await;
+}
+
+/// Writes `n` values of `size` bytes through node 1, then snapshots and purges the log of every
+/// node, so whichever node leads must send a snapshot to a newcomer.
+async fn snapshot_and_purge(c: &Cluster, n: u64, size: usize) -> u64 {
+    write_many(c.node(1), n, Bytes::from(vec![7u8; size]), 16).await;
+    let upto = applied(c.node(1));
+    for node in c.nodes.values() {
+        demo::await_applied(node, upto).await.unwrap();
+        node.raft.trigger().snapshot().await.unwrap();
+        let wait = node.raft.wait(Some(Duration::from_secs(10)));
+        wait.metrics(|m| m.snapshot.is_some_and(|s| s.index >= upto), "snapshot").await.unwrap();
+        node.raft.trigger().purge_log(upto).await.unwrap();
+        wait.metrics(|m| m.purged.is_some_and(|p| p.index >= upto), "purge").await.unwrap();
+    }
+    upto
+}
+
+async fn snapshot_in_chunks_reaches_learner_after_purge(transport: Transport) {
+    let chunk = 64 << 10;
+    let config = Config::builder().transport(transport).snapshot_chunk_size(chunk).build().unwrap();
+    let mut c = Cluster::voters_with(config.clone(), 3).await;
+    let upto = snapshot_and_purge(&c, 200, 16 << 10).await;
+    let n4 = KvNode::start(4, demo::raft_config(), config, loopback()).await.unwrap();
+    let leader = c.await_leader(1, None).await;
+    c.node(leader).raft.add_learner(4, n4.node(), true).await.unwrap();
+    demo::await_applied(&n4, upto).await.unwrap();
+    assert_eq!(n4.sm.snapshots_installed(), 1, "learner caught up without a snapshot");
+    assert_eq!(n4.sm.dump(), c.node(1).sm.dump());
+    // The learner installs before the leader reads the reply: give the reply a moment.
+    let mut stats = c.node(leader).network.stats();
+    for _ in 0..50 {
+        if stats.snapshots_sent > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stats = c.node(leader).network.stats();
+    }
+    assert_eq!(stats.snapshots_sent, 1, "{stats:?}");
+    assert!(stats.snapshot_bytes_sent >= 3 * chunk as u64, "snapshot was not several chunks: {stats:?}");
+    c.nodes.insert(4, n4);
+    c.shutdown().await;
+}
+
+async fn membership_change(transport: Transport) {
+    let c = Cluster::voters(transport, 3).await;
+    let leader = c.node(1);
+    // `retain`: node 3 stays on as a learner, so it can be promoted again.
+    leader.raft.change_membership(BTreeSet::from([1, 2]), true).await.unwrap();
+    let voters = |id: u64| {
+        let m = c.node(id).metrics();
+        m.membership_config.membership().voter_ids().collect::<BTreeSet<_>>()
+    };
+    assert_eq!(voters(1), BTreeSet::from([1, 2]));
+    leader.write("two-voters", "ok").await.unwrap();
+    leader.raft.change_membership(BTreeSet::from([1, 2, 3]), false).await.unwrap();
+    let target = applied(leader);
+    c.await_applied(3, target).await;
+    assert_eq!(voters(3), BTreeSet::from([1, 2, 3]));
+    assert_eq!(c.node(3).sm.get("two-voters").as_deref(), Some(&b"ok"[..]));
+    c.shutdown().await;
+}
+
+async fn restarted_follower_reconnects(transport: Transport) {
+    let mut c = Cluster::voters(transport, 3).await;
+    write_many(c.node(1), 100, Bytes::from_static(b"before"), 8).await;
+    let mut f = c.nodes.remove(&3).unwrap();
+    f.stop().await.unwrap();
+    let connects_before = c.node(1).network.stats().connects;
+    write_many(c.node(1), 100, Bytes::from_static(b"while-down"), 8).await;
+    c.node(1).write("last", "x").await.unwrap();
+    let f = f.restart().await.unwrap();
+    let target = applied(c.node(1));
+    demo::await_applied(&f, target).await.unwrap();
+    assert_eq!(f.sm.get("last").as_deref(), Some(&b"x"[..]));
+    assert!(c.node(1).network.stats().connects > connects_before, "leader never reconnected");
+    c.nodes.insert(3, f);
+    c.shutdown().await;
+}
+
+/// A voter catches up through a snapshot larger than the connection window whose receiver
+/// stalls for longer than an election timeout; heartbeats to it must keep being acknowledged
+/// meanwhile (they travel on their own connection), and nobody starts an election.
+async fn heartbeats_flow_while_snapshot_streams(transport: Transport) {
+    let slow = Arc::new(AtomicBool::new(false));
+    let config = common::net_config(transport);
+    let raft_config = demo::raft_config();
+    let mut c = Cluster::voters(transport, 2).await;
+    let sink_slow = slow.clone();
+    let sink = move || {
+        let slow = sink_slow.load(Ordering::SeqCst);
+        async move {
+            if slow {
+                tokio::time::sleep(Duration::from_millis(2_000)).await;
+            }
+            Ok::<_, std::io::Error>(KvSnapshotData::default())
+        }
+    };
+    let n3 = KvNode::start_with_sink(3, raft_config, config, loopback(), sink).await.unwrap();
+    c.node(1).raft.add_learner(3, n3.node(), true).await.unwrap();
+    c.node(1).raft.change_membership(BTreeSet::from([1, 2, 3]), false).await.unwrap();
+    let mut n3 = n3;
+    n3.stop().await.unwrap();
+
+    let upto = snapshot_and_purge(&c, 96, 256 << 10).await; // 24 MiB
+    let term = c.node(1).metrics().current_term;
+    slow.store(true, Ordering::SeqCst);
+    let n3 = n3.restart().await.unwrap();
+
+    // Sample the leader's last heartbeat ack from node 3 while its snapshot receiver stalls.
+    let mut acks = BTreeSet::new();
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let m = c.node(1).metrics();
+        if let Some(Some(at)) = m.heartbeat.as_ref().and_then(|h| h.get(&3).cloned()) {
+            acks.insert(at);
+        }
+    }
+    demo::await_applied(&n3, upto).await.unwrap();
+    assert_eq!(n3.sm.snapshots_installed(), 1, "node 3 caught up without a snapshot");
+    assert!(acks.len() >= 5, "heartbeats to node 3 stalled during the snapshot: {} distinct acks", acks.len());
+    let m = c.node(1).metrics();
+    assert_eq!(m.current_term, term, "an election happened during the snapshot");
+    assert_eq!(m.current_leader, Some(1));
+    c.nodes.insert(3, n3);
+    c.shutdown().await;
+}
