@@ -67,7 +67,9 @@ impl Default for Config {
 impl Config {
     /// Starts a builder with the defaults.
     pub fn builder() -> ConfigBuilder {
-        ConfigBuilder { config: Config::default() }
+        ConfigBuilder {
+            config: Config::default(),
+        }
     }
 
     /// The transport this config selects.
@@ -162,7 +164,11 @@ impl ConfigBuilder {
         let c = self.config;
         let positive = |field: &'static str, value: usize| {
             if value == 0 {
-                Err(ConfigError::Invalid { field, requirement: "greater than zero", value: value.to_string() })
+                Err(ConfigError::Invalid {
+                    field,
+                    requirement: "greater than zero",
+                    value: value.to_string(),
+                })
             } else {
                 Ok(())
             }
@@ -179,7 +185,11 @@ impl ConfigBuilder {
             });
         }
         if c.connect_timeout.is_zero() {
-            return Err(ConfigError::Invalid { field: "connect_timeout", requirement: "non-zero", value: "0s".into() });
+            return Err(ConfigError::Invalid {
+                field: "connect_timeout",
+                requirement: "non-zero",
+                value: "0s".into(),
+            });
         }
         if c.snapshot_idle_timeout.is_zero() {
             return Err(ConfigError::Invalid {
@@ -192,27 +202,48 @@ impl ConfigBuilder {
     }
 }
 
+/// The transports compiled into this build, for error messages.
+pub(crate) fn compiled_transports() -> &'static str {
+    "grpc"
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn zero_window_is_refused_by_name() {
-        let err = Config::builder().max_in_flight_requests(0).build().unwrap_err();
+        let err = Config::builder()
+            .max_in_flight_requests(0)
+            .build()
+            .unwrap_err();
         assert!(err.to_string().contains("max_in_flight_requests"), "{err}");
     }
 
     #[test]
     fn chunk_must_fit_in_a_message() {
-        let err = Config::builder().max_message_size(1 << 20).snapshot_chunk_size(1 << 20).build().unwrap_err();
+        let err = Config::builder()
+            .max_message_size(1 << 20)
+            .snapshot_chunk_size(1 << 20)
+            .build()
+            .unwrap_err();
         assert!(err.to_string().contains("snapshot_chunk_size"), "{err}");
     }
 
     #[test]
     fn rpc_timeout_caps_soft_ttl() {
-        let c = Config::builder().rpc_timeout(Duration::from_millis(10)).build().unwrap();
-        assert_eq!(c.deadline(Duration::from_secs(1)), Duration::from_millis(10));
-        assert_eq!(Config::default().deadline(Duration::from_secs(1)), Duration::from_secs(1));
+        let c = Config::builder()
+            .rpc_timeout(Duration::from_millis(10))
+            .build()
+            .unwrap();
+        assert_eq!(
+            c.deadline(Duration::from_secs(1)),
+            Duration::from_millis(10)
+        );
+        assert_eq!(
+            Config::default().deadline(Duration::from_secs(1)),
+            Duration::from_secs(1)
+        );
     }
 
     #[test]
@@ -220,9 +251,4 @@ mod tests {
         assert_eq!("grpc".parse::<Transport>().unwrap(), Transport::Grpc);
         assert!("carrier-pigeon".parse::<Transport>().is_err());
     }
-}
-
-/// The transports compiled into this build, for error messages.
-pub(crate) fn compiled_transports() -> &'static str {
-    "grpc"
 }

@@ -39,7 +39,13 @@ pub struct DemoOptions {
 
 impl Default for DemoOptions {
     fn default() -> Self {
-        DemoOptions { transport: Transport::Grpc, writes: 10_000, value_size: 64, concurrency: 64, verbose: false }
+        DemoOptions {
+            transport: Transport::Grpc,
+            writes: 10_000,
+            value_size: 64,
+            concurrency: 64,
+            verbose: false,
+        }
     }
 }
 
@@ -75,11 +81,21 @@ pub struct DemoError {
 }
 
 fn fail(step: &'static str) -> impl Fn(NodeError) -> DemoError {
-    move |e| DemoError { step, reason: e.to_string() }
+    move |e| DemoError {
+        step,
+        reason: e.to_string(),
+    }
 }
 
 fn check(step: &'static str, ok: bool, why: impl FnOnce() -> String) -> Result<(), DemoError> {
-    if ok { Ok(()) } else { Err(DemoError { step, reason: why() }) }
+    if ok {
+        Ok(())
+    } else {
+        Err(DemoError {
+            step,
+            reason: why(),
+        })
+    }
 }
 
 /// The openraft settings of the demo (and the cluster tests): loopback-fast timers, manual
@@ -114,7 +130,11 @@ impl Narrator {
         if self.verbose && std::io::stderr().is_terminal() && (done % 250 == 0 || done == total) {
             let width = 40;
             let filled = (done * width / total.max(1)) as usize;
-            eprint!("\r    [{}{}] {done}/{total}", "#".repeat(filled), " ".repeat(width as usize - filled));
+            eprint!(
+                "\r    [{}{}] {done}/{total}",
+                "#".repeat(filled),
+                " ".repeat(width as usize - filled)
+            );
             if done == total {
                 eprintln!();
             }
@@ -132,22 +152,31 @@ async fn await_leader(node: &KvNode, not: Option<u64>) -> Result<u64, NodeError>
     let m = node
         .raft
         .wait(Some(Duration::from_secs(10)))
-        .metrics(|m| m.current_leader.is_some() && m.current_leader != not, "a leader")
+        .metrics(
+            |m| m.current_leader.is_some() && m.current_leader != not,
+            "a leader",
+        )
         .await
         .map_err(|e| NodeError::new(format!("wait for a leader on node {}", node.id), e))?;
-    m.current_leader.ok_or_else(|| NodeError::new("wait for a leader", "metrics lost the leader"))
+    m.current_leader
+        .ok_or_else(|| NodeError::new("wait for a leader", "metrics lost the leader"))
 }
 
 /// Initializes a single-node cluster of `node` and waits until it leads with its membership
 /// committed (so that learners can be added right away).
 pub async fn initialize_alone(node: &KvNode) -> Result<(), NodeError> {
     let step = || format!("initialize node {}", node.id);
-    node.raft.initialize(BTreeMap::from([(node.id, node.node())])).await.map_err(|e| NodeError::new(step(), e))?;
+    node.raft
+        .initialize(BTreeMap::from([(node.id, node.node())]))
+        .await
+        .map_err(|e| NodeError::new(step(), e))?;
     let id = node.id;
     node.raft
         .wait(Some(Duration::from_secs(10)))
         .metrics(
-            |m| m.current_leader == Some(id) && m.last_applied.is_some_and(|l| l.leader_id.term > 0),
+            |m| {
+                m.current_leader == Some(id) && m.last_applied.is_some_and(|l| l.leader_id.term > 0)
+            },
             "leading with a committed entry of its own term",
         )
         .await
@@ -168,15 +197,30 @@ pub async fn await_applied(node: &KvNode, index: u64) -> Result<(), NodeError> {
 /// Runs the demo; every step checks its outcome and a failure names the step.
 pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     let started = Instant::now();
-    let say = Narrator { verbose: opts.verbose };
-    let net = Config::builder().transport(opts.transport).build().map_err(|e| DemoError { step: "config", reason: e.to_string() })?;
+    let say = Narrator {
+        verbose: opts.verbose,
+    };
+    let net = Config::builder()
+        .transport(opts.transport)
+        .build()
+        .map_err(|e| DemoError {
+            step: "config",
+            reason: e.to_string(),
+        })?;
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
     let raft_config = raft_config();
 
-    say.step(format!("starting 3 nodes on 127.0.0.1 over {}", opts.transport.name()));
+    say.step(format!(
+        "starting 3 nodes on 127.0.0.1 over {}",
+        opts.transport.name()
+    ));
     let mut nodes = Vec::new();
     for id in 1..=3 {
-        nodes.push(Some(KvNode::start(id, raft_config.clone(), net.clone(), loopback).await.map_err(fail("start nodes"))?));
+        nodes.push(Some(
+            KvNode::start(id, raft_config.clone(), net.clone(), loopback)
+                .await
+                .map_err(fail("start nodes"))?,
+        ));
     }
 
     say.step("initializing node 1");
@@ -186,15 +230,27 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     say.step("adding nodes 2 and 3 as learners");
     for id in [2, 3] {
         let n = node(&nodes, id)?;
-        n1.raft.add_learner(id, n.node(), true).await.map_err(|e| DemoError { step: "add learners", reason: e.to_string() })?;
+        n1.raft
+            .add_learner(id, n.node(), true)
+            .await
+            .map_err(|e| DemoError {
+                step: "add learners",
+                reason: e.to_string(),
+            })?;
     }
     say.step("changing membership to voters {1, 2, 3}");
     n1.raft
         .change_membership(BTreeSet::from([1, 2, 3]), false)
         .await
-        .map_err(|e| DemoError { step: "change membership", reason: e.to_string() })?;
+        .map_err(|e| DemoError {
+            step: "change membership",
+            reason: e.to_string(),
+        })?;
 
-    say.step(format!("writing {} keys with {} concurrent writers", opts.writes, opts.concurrency));
+    say.step(format!(
+        "writing {} keys with {} concurrent writers",
+        opts.writes, opts.concurrency
+    ));
     let value = Bytes::from(vec![b'v'; opts.value_size]);
     let write_start = Instant::now();
     let mut done = 0u64;
@@ -214,47 +270,104 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     verify_keys(n1, opts.writes, &value, "read back").await?;
 
     say.step("stopping the leader (node 1)");
-    let mut old = nodes[0].take().ok_or(DemoError { step: "failover", reason: "node 1 vanished".into() })?;
+    let mut old = nodes[0].take().ok_or(DemoError {
+        step: "failover",
+        reason: "node 1 vanished".into(),
+    })?;
     old.stop().await.map_err(fail("failover"))?;
     let failover_start = Instant::now();
-    let new_leader = await_leader(node(&nodes, 2)?, Some(1)).await.map_err(fail("failover"))?;
+    let new_leader = await_leader(node(&nodes, 2)?, Some(1))
+        .await
+        .map_err(fail("failover"))?;
     let leader_changes = u64::from(new_leader != 1);
-    say.step(format!("node {new_leader} leads after {} ms", failover_start.elapsed().as_millis()));
+    say.step(format!(
+        "node {new_leader} leads after {} ms",
+        failover_start.elapsed().as_millis()
+    ));
     let leader = node(&nodes, new_leader)?;
     verify_keys(leader, opts.writes, &value, "failover keeps writes").await?;
 
     say.step("restarting node 1 as a follower");
     let restarted = old.restart().await.map_err(fail("restart node 1"))?;
     let applied = leader.sm.last_applied().map_or(0, |l| l.index);
-    await_applied(&restarted, applied).await.map_err(fail("restart node 1"))?;
+    await_applied(&restarted, applied)
+        .await
+        .map_err(fail("restart node 1"))?;
     nodes[0] = Some(restarted);
 
-    say.step(format!("node {new_leader} builds a snapshot and purges its log"));
+    say.step(format!(
+        "node {new_leader} builds a snapshot and purges its log"
+    ));
     let leader = node(&nodes, new_leader)?;
     let applied = leader.sm.last_applied().map_or(0, |l| l.index);
-    leader.raft.trigger().snapshot().await.map_err(|e| DemoError { step: "snapshot", reason: e.to_string() })?;
+    leader
+        .raft
+        .trigger()
+        .snapshot()
+        .await
+        .map_err(|e| DemoError {
+            step: "snapshot",
+            reason: e.to_string(),
+        })?;
     leader
         .raft
         .wait(Some(Duration::from_secs(10)))
-        .metrics(|m| m.snapshot.is_some_and(|s| s.index >= applied), "snapshot built")
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= applied),
+            "snapshot built",
+        )
         .await
-        .map_err(|e| DemoError { step: "snapshot", reason: e.to_string() })?;
-    leader.raft.trigger().purge_log(applied).await.map_err(|e| DemoError { step: "purge", reason: e.to_string() })?;
+        .map_err(|e| DemoError {
+            step: "snapshot",
+            reason: e.to_string(),
+        })?;
+    leader
+        .raft
+        .trigger()
+        .purge_log(applied)
+        .await
+        .map_err(|e| DemoError {
+            step: "purge",
+            reason: e.to_string(),
+        })?;
     leader
         .raft
         .wait(Some(Duration::from_secs(10)))
-        .metrics(|m| m.purged.is_some_and(|p| p.index >= applied), "log purged")
+        .metrics(
+            |m| m.purged.is_some_and(|p| p.index >= applied),
+            "log purged",
+        )
         .await
-        .map_err(|e| DemoError { step: "purge", reason: e.to_string() })?;
+        .map_err(|e| DemoError {
+            step: "purge",
+            reason: e.to_string(),
+        })?;
 
     say.step("adding node 4, which must catch up through the snapshot");
-    let n4 = KvNode::start(4, raft_config.clone(), net.clone(), loopback).await.map_err(fail("add node 4"))?;
-    leader.raft.add_learner(4, n4.node(), true).await.map_err(|e| DemoError { step: "add node 4", reason: e.to_string() })?;
-    await_applied(&n4, applied).await.map_err(fail("add node 4"))?;
+    let n4 = KvNode::start(4, raft_config.clone(), net.clone(), loopback)
+        .await
+        .map_err(fail("add node 4"))?;
+    leader
+        .raft
+        .add_learner(4, n4.node(), true)
+        .await
+        .map_err(|e| DemoError {
+            step: "add node 4",
+            reason: e.to_string(),
+        })?;
+    await_applied(&n4, applied)
+        .await
+        .map_err(fail("add node 4"))?;
     let snapshot_installed = n4.sm.snapshots_installed() > 0;
-    check("add node 4", snapshot_installed, || "node 4 caught up without a snapshot".into())?;
-    let missing = (0..opts.writes).filter(|i| n4.sm.get(&key(*i)).as_ref() != Some(&value)).count();
-    check("add node 4", missing == 0, || format!("{missing} keys missing on node 4"))?;
+    check("add node 4", snapshot_installed, || {
+        "node 4 caught up without a snapshot".into()
+    })?;
+    let missing = (0..opts.writes)
+        .filter(|i| n4.sm.get(&key(*i)).as_ref() != Some(&value))
+        .count();
+    check("add node 4", missing == 0, || {
+        format!("{missing} keys missing on node 4")
+    })?;
     nodes.push(Some(n4));
 
     say.step("shutting down");
@@ -276,13 +389,25 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
 
 fn node(nodes: &[Option<KvNode>], id: u64) -> Result<&KvNode, DemoError> {
     let found = nodes.get(id as usize - 1).and_then(Option::as_ref);
-    found.ok_or(DemoError { step: "lookup", reason: format!("node {id} is not running") })
+    found.ok_or(DemoError {
+        step: "lookup",
+        reason: format!("node {id} is not running"),
+    })
 }
 
 /// Confirms leadership once (ReadIndex), then checks every key on the leader: one
 /// linearizable read point covers all reads issued after it.
-async fn verify_keys(leader: &KvNode, writes: u64, value: &Bytes, step: &'static str) -> Result<(), DemoError> {
+async fn verify_keys(
+    leader: &KvNode,
+    writes: u64,
+    value: &Bytes,
+    step: &'static str,
+) -> Result<(), DemoError> {
     leader.read(&key(0)).await.map_err(fail(step))?;
-    let missing = (0..writes).filter(|i| leader.sm.get(&key(*i)).as_ref() != Some(value)).count();
-    check(step, missing == 0, || format!("{missing} of {writes} keys missing on node {}", leader.id))
+    let missing = (0..writes)
+        .filter(|i| leader.sm.get(&key(*i)).as_ref() != Some(value))
+        .count();
+    check(step, missing == 0, || {
+        format!("{missing} of {writes} keys missing on node {}", leader.id)
+    })
 }

@@ -43,17 +43,27 @@ pub struct DecodeError {
 impl DecodeError {
     /// A required field is absent.
     pub fn missing(field: &str) -> Self {
-        DecodeError { path: field.to_string(), reason: "required field is missing".to_string() }
+        DecodeError {
+            path: field.to_string(),
+            reason: "required field is missing".to_string(),
+        }
     }
 
     /// A field is present but its value is invalid.
     pub fn invalid(field: &str, why: impl fmt::Display) -> Self {
-        DecodeError { path: field.to_string(), reason: why.to_string() }
+        DecodeError {
+            path: field.to_string(),
+            reason: why.to_string(),
+        }
     }
 
     /// Prefixes the path with the enclosing field: `log_id` within `entries[3]`.
     pub fn within(mut self, parent: &str) -> Self {
-        self.path = if self.path.is_empty() { parent.to_string() } else { format!("{parent}.{}", self.path) };
+        self.path = if self.path.is_empty() {
+            parent.to_string()
+        } else {
+            format!("{parent}.{}", self.path)
+        };
         self
     }
 
@@ -133,13 +143,22 @@ impl TransportError {
             TransportError::Connect { .. } | TransportError::Remote { .. } => {
                 RPCError::Unreachable(Unreachable::new(&self))
             }
-            TransportError::Timeout { rpc, after } => RPCError::Timeout(Timeout { action: rpc, id: local, target, timeout: after }),
+            TransportError::Timeout { rpc, after } => RPCError::Timeout(Timeout {
+                action: rpc,
+                id: local,
+                target,
+                timeout: after,
+            }),
             _ => RPCError::Network(NetworkError::new(&self)),
         }
     }
 
     /// The same mapping for snapshot transfers.
-    pub(crate) fn into_streaming<C: RaftWireConfig>(self, local: u64, target: u64) -> StreamingError<C> {
+    pub(crate) fn into_streaming<C: RaftWireConfig>(
+        self,
+        local: u64,
+        target: u64,
+    ) -> StreamingError<C> {
         match self.into_rpc::<C>(local, target) {
             RPCError::Unreachable(e) => StreamingError::Unreachable(e),
             RPCError::Timeout(e) => StreamingError::Timeout(e),

@@ -122,17 +122,36 @@ where
     fn client(&self, target: u64, node: &C::Node, purpose: Purpose) -> Network<C, SD> {
         let addr = node.peer_addr();
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let peer = peers.entry(target).or_insert_with(|| Peer { addr: addr.to_string(), lanes: HashMap::new() });
+        let peer = peers.entry(target).or_insert_with(|| Peer {
+            addr: addr.to_string(),
+            lanes: HashMap::new(),
+        });
         if peer.addr != addr {
             tracing::info!(target, old = %peer.addr, new = addr, "peer address changed; reconnecting");
-            *peer = Peer { addr: addr.to_string(), lanes: HashMap::new() };
+            *peer = Peer {
+                addr: addr.to_string(),
+                lanes: HashMap::new(),
+            };
         }
         let lane = peer
             .lanes
             .entry(purpose)
-            .or_insert_with(|| Lane::new(self.config.transport, addr, &self.config, self.stats.clone()))
+            .or_insert_with(|| {
+                Lane::new(
+                    self.config.transport,
+                    addr,
+                    &self.config,
+                    self.stats.clone(),
+                )
+            })
             .clone();
-        Network { local_id: self.local_id, target, config: self.config.clone(), lane, _types: PhantomData }
+        Network {
+            local_id: self.local_id,
+            target,
+            config: self.config.clone(),
+            lane,
+            _types: PhantomData,
+        }
     }
 }
 
@@ -201,16 +220,25 @@ where
                 Lane::Grpc(lane) => lane.stream_append(input, &self.config, deadline).await,
             };
             let replies = replies.map_err(|e| e.into_rpc(local, target))?;
-            let out: BoxStream<'s, _> = Box::pin(replies.map(move |r| r.map_err(|e| e.into_rpc(local, target))));
+            let out: BoxStream<'s, _> =
+                Box::pin(replies.map(move |r| r.map_err(|e| e.into_rpc(local, target))));
             Ok(out)
         })
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<C>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<C>, RPCError<C>> {
         self.vote_or_pre_vote(rpc, option, false).await
     }
 
-    async fn pre_vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<C>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<C>, RPCError<C>> {
         self.vote_or_pre_vote(rpc, option, true).await
     }
 
@@ -221,13 +249,25 @@ where
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
-        let chunk = option.snapshot_chunk_size().unwrap_or(self.config.snapshot_chunk_size).max(1);
+        let chunk = option
+            .snapshot_chunk_size()
+            .unwrap_or(self.config.snapshot_chunk_size)
+            .max(1);
         // A deadline on progress, never on the whole transfer: at least openraft's own.
         let idle = self.config.snapshot_idle_timeout.max(option.soft_ttl());
         let send = async {
             match &self.lane {
                 #[cfg(feature = "grpc")]
-                Lane::Grpc(lane) => lane.send_snapshot::<C, SD>(&vote, &snapshot.meta, snapshot.snapshot, chunk, idle).await,
+                Lane::Grpc(lane) => {
+                    lane.send_snapshot::<C, SD>(
+                        &vote,
+                        &snapshot.meta,
+                        snapshot.snapshot,
+                        chunk,
+                        idle,
+                    )
+                    .await
+                }
             }
         };
         tokio::select! {

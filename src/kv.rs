@@ -96,7 +96,8 @@ impl WireMessage for KvRequest {
             KvRequest::Set { key, value } => (TAG_SET, key, Some(value)),
             KvRequest::Delete { key } => (TAG_DELETE, key, None),
         };
-        let key_len = u32::try_from(key.len()).map_err(|_| EncodeError("key longer than 4 GiB".into()))?;
+        let key_len =
+            u32::try_from(key.len()).map_err(|_| EncodeError("key longer than 4 GiB".into()))?;
         let mut buf = BytesMut::with_capacity(5 + key.len() + value.map_or(0, |v| v.len()));
         buf.put_u8(tag);
         buf.put_u32(key_len);
@@ -109,19 +110,32 @@ impl WireMessage for KvRequest {
 
     fn decode(mut bytes: Bytes) -> Result<Self, DecodeError> {
         if bytes.len() < 5 {
-            return Err(DecodeError::invalid("kv_request", format!("{} bytes, need at least 5", bytes.len())));
+            return Err(DecodeError::invalid(
+                "kv_request",
+                format!("{} bytes, need at least 5", bytes.len()),
+            ));
         }
         let tag = bytes.get_u8();
         let key_len = bytes.get_u32() as usize;
         if bytes.len() < key_len {
-            return Err(DecodeError::invalid("kv_request.key", format!("length {key_len} exceeds the {} bytes left", bytes.len())));
+            return Err(DecodeError::invalid(
+                "kv_request.key",
+                format!("length {key_len} exceeds the {} bytes left", bytes.len()),
+            ));
         }
-        let key = String::decode(bytes.split_to(key_len)).map_err(|e| e.within("kv_request.key"))?;
+        let key =
+            String::decode(bytes.split_to(key_len)).map_err(|e| e.within("kv_request.key"))?;
         match tag {
             TAG_SET => Ok(KvRequest::Set { key, value: bytes }),
             TAG_DELETE if bytes.is_empty() => Ok(KvRequest::Delete { key }),
-            TAG_DELETE => Err(DecodeError::invalid("kv_request", "trailing bytes after a delete")),
-            other => Err(DecodeError::invalid("kv_request.tag", format!("unknown tag {other}"))),
+            TAG_DELETE => Err(DecodeError::invalid(
+                "kv_request",
+                "trailing bytes after a delete",
+            )),
+            other => Err(DecodeError::invalid(
+                "kv_request.tag",
+                format!("unknown tag {other}"),
+            )),
         }
     }
 }
@@ -152,8 +166,13 @@ impl WireMessage for KvResponse {
             return Ok(KvResponse { previous: None });
         }
         match bytes.get_u8() {
-            1 => Ok(KvResponse { previous: Some(bytes) }),
-            other => Err(DecodeError::invalid("kv_response.tag", format!("unknown tag {other}"))),
+            1 => Ok(KvResponse {
+                previous: Some(bytes),
+            }),
+            other => Err(DecodeError::invalid(
+                "kv_response.tag",
+                format!("unknown tag {other}"),
+            )),
         }
     }
 }
@@ -186,7 +205,12 @@ impl RaftLogReader<KvConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<KvEntry>, io::Error> {
-        Ok(self.data().log.range(range).map(|(_, e)| e.clone()).collect())
+        Ok(self
+            .data()
+            .log
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 
     async fn read_vote(&mut self) -> Result<Option<KvVote>, io::Error> {
@@ -199,8 +223,15 @@ impl RaftLogStorage<KvConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<KvConfig>, io::Error> {
         let d = self.data();
-        let last = d.log.last_key_value().map(|(_, e)| e.log_id).or(d.last_purged);
-        Ok(LogState { last_purged_log_id: d.last_purged, last_log_id: last })
+        let last = d
+            .log
+            .last_key_value()
+            .map(|(_, e)| e.log_id)
+            .or(d.last_purged);
+        Ok(LogState {
+            last_purged_log_id: d.last_purged,
+            last_log_id: last,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -221,7 +252,11 @@ impl RaftLogStorage<KvConfig> for LogStore {
         Ok(self.data().committed)
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<KvConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<KvConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = KvEntry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -311,7 +346,12 @@ fn encode_snapshot(kv: &BTreeMap<String, Bytes>) -> Bytes {
 }
 
 fn decode_snapshot(mut buf: Bytes) -> Result<BTreeMap<String, Bytes>, io::Error> {
-    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot is corrupt: {what}"));
+    let bad = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("snapshot is corrupt: {what}"),
+        )
+    };
     let mut kv = BTreeMap::new();
     while buf.has_remaining() {
         let take = |buf: &mut Bytes, what: &str| -> Result<Bytes, io::Error> {
@@ -335,13 +375,21 @@ fn decode_snapshot(mut buf: Bytes) -> Result<BTreeMap<String, Bytes>, io::Error>
 impl RaftSnapshotBuilder<KvConfig> for StateMachine {
     type SnapshotData = KvSnapshotData;
 
-    async fn build_snapshot(&mut self) -> Result<Snapshot<WireLeaderId, u64, BasicNode, KvSnapshotData>, io::Error> {
+    async fn build_snapshot(
+        &mut self,
+    ) -> Result<Snapshot<WireLeaderId, u64, BasicNode, KvSnapshotData>, io::Error> {
         let mut d = self.data();
         let bytes = encode_snapshot(&d.kv);
         d.snapshot_seq += 1;
-        let meta = KvSnapshotMeta { last_log_id: d.last_applied, last_membership: d.last_membership.clone() };
+        let meta = KvSnapshotMeta {
+            last_log_id: d.last_applied,
+            last_membership: d.last_membership.clone(),
+        };
         d.snapshot = Some((meta.clone(), bytes.clone()));
-        Ok(Snapshot { meta, snapshot: Cursor::new(bytes.to_vec()) })
+        Ok(Snapshot {
+            meta,
+            snapshot: Cursor::new(bytes.to_vec()),
+        })
     }
 }
 
@@ -355,15 +403,21 @@ impl RaftStateMachine<KvConfig> for StateMachine {
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
-    where Strm: Stream<Item = Result<EntryResponder<KvConfig>, io::Error>> + Unpin + OptionalSend {
+    where
+        Strm: Stream<Item = Result<EntryResponder<KvConfig>, io::Error>> + Unpin + OptionalSend,
+    {
         while let Some((entry, responder)) = entries.try_next().await? {
             let response = {
                 let mut d = self.data();
                 d.last_applied = Some(entry.log_id);
                 match entry.payload {
                     EntryPayload::Blank => KvResponse::default(),
-                    EntryPayload::Normal(KvRequest::Set { key, value }) => KvResponse { previous: d.kv.insert(key, value) },
-                    EntryPayload::Normal(KvRequest::Delete { key }) => KvResponse { previous: d.kv.remove(&key) },
+                    EntryPayload::Normal(KvRequest::Set { key, value }) => KvResponse {
+                        previous: d.kv.insert(key, value),
+                    },
+                    EntryPayload::Normal(KvRequest::Delete { key }) => KvResponse {
+                        previous: d.kv.remove(&key),
+                    },
                     EntryPayload::Membership(m) => {
                         d.last_membership = StoredMembership::new(Some(entry.log_id), m);
                         KvResponse::default()
@@ -381,7 +435,11 @@ impl RaftStateMachine<KvConfig> for StateMachine {
         self.clone()
     }
 
-    async fn install_snapshot(&mut self, meta: &KvSnapshotMeta, snapshot: KvSnapshotData) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &KvSnapshotMeta,
+        snapshot: KvSnapshotData,
+    ) -> Result<(), io::Error> {
         let bytes = Bytes::from(snapshot.into_inner());
         let kv = decode_snapshot(bytes.clone())?;
         let mut d = self.data();
@@ -396,7 +454,10 @@ impl RaftStateMachine<KvConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<WireLeaderId, u64, BasicNode, KvSnapshotData>>, io::Error> {
-        Ok(self.data().snapshot.as_ref().map(|(meta, bytes)| Snapshot { meta: meta.clone(), snapshot: Cursor::new(bytes.to_vec()) }))
+        Ok(self.data().snapshot.as_ref().map(|(meta, bytes)| Snapshot {
+            meta: meta.clone(),
+            snapshot: Cursor::new(bytes.to_vec()),
+        }))
     }
 }
 
@@ -437,7 +498,10 @@ pub struct NodeError {
 
 impl NodeError {
     pub(crate) fn new(step: impl Into<String>, reason: impl fmt::Display) -> Self {
-        NodeError { step: step.into(), reason: reason.to_string() }
+        NodeError {
+            step: step.into(),
+            reason: reason.to_string(),
+        }
     }
 }
 
@@ -449,7 +513,16 @@ impl KvNode {
         net_config: Config,
         addr: SocketAddr,
     ) -> Result<KvNode, NodeError> {
-        Self::start_inner(id, raft_config, net_config, addr, LogStore::default(), StateMachine::default(), None).await
+        Self::start_inner(
+            id,
+            raft_config,
+            net_config,
+            addr,
+            LogStore::default(),
+            StateMachine::default(),
+            None,
+        )
+        .await
     }
 
     /// Starts node `id` like [`KvNode::start`], receiving snapshots through `sink` (tests use
@@ -462,7 +535,16 @@ impl KvNode {
         sink: impl SnapshotSink<KvSnapshotData>,
     ) -> Result<KvNode, NodeError> {
         let (log, sm) = (LogStore::default(), StateMachine::default());
-        Self::start_inner(id, raft_config, net_config, addr, log, sm, Some(Arc::new(sink))).await
+        Self::start_inner(
+            id,
+            raft_config,
+            net_config,
+            addr,
+            log,
+            sm,
+            Some(Arc::new(sink)),
+        )
+        .await
     }
 
     async fn start_inner(
@@ -475,9 +557,15 @@ impl KvNode {
         sink: Option<Arc<dyn SnapshotSink<KvSnapshotData>>>,
     ) -> Result<KvNode, NodeError> {
         let network = NetworkFactory::new(id, net_config.clone());
-        let raft = openraft::Raft::new(id, raft_config.clone(), network.clone(), log.clone(), sm.clone())
-            .await
-            .map_err(|e| NodeError::new(format!("start raft on node {id}"), e))?;
+        let raft = openraft::Raft::new(
+            id,
+            raft_config.clone(),
+            network.clone(),
+            log.clone(),
+            sm.clone(),
+        )
+        .await
+        .map_err(|e| NodeError::new(format!("start raft on node {id}"), e))?;
         let mut builder = Server::builder(raft.clone()).config(net_config.clone());
         if let Some(sink) = sink.clone() {
             builder = builder.snapshot_sink(move || sink.create());
@@ -487,7 +575,18 @@ impl KvNode {
             .await
             .map_err(|e| NodeError::new(format!("start server of node {id}"), e))?;
         let addr = server.local_addr();
-        Ok(KvNode { id, raft, network, log, sm, server: Some(server), addr, raft_config, net_config, sink })
+        Ok(KvNode {
+            id,
+            raft,
+            network,
+            log,
+            sm,
+            server: Some(server),
+            addr,
+            raft_config,
+            net_config,
+            sink,
+        })
     }
 
     /// The latest Raft metrics of this node.
@@ -503,28 +602,56 @@ impl KvNode {
 
     /// This node as a membership entry.
     pub fn node(&self) -> BasicNode {
-        BasicNode { addr: self.addr.to_string() }
+        BasicNode {
+            addr: self.addr.to_string(),
+        }
     }
 
     /// Stops Raft and the server; the stores are kept for [`KvNode::restart`].
     pub async fn stop(&mut self) -> Result<(), NodeError> {
         // Server first: peers' calls stop reaching a Raft that is going away.
         if let Some(server) = self.server.take() {
-            server.shutdown().await.map_err(|e| NodeError::new(format!("stop server of node {}", self.id), e))?;
+            server
+                .shutdown()
+                .await
+                .map_err(|e| NodeError::new(format!("stop server of node {}", self.id), e))?;
         }
-        self.raft.shutdown().await.map_err(|e| NodeError::new(format!("stop raft of node {}", self.id), e))
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| NodeError::new(format!("stop raft of node {}", self.id), e))
     }
 
     /// Starts a stopped node again on the same address, stores and snapshot sink.
     pub async fn restart(self) -> Result<KvNode, NodeError> {
-        Self::start_inner(self.id, self.raft_config, self.net_config, self.addr, self.log, self.sm, self.sink).await
+        Self::start_inner(
+            self.id,
+            self.raft_config,
+            self.net_config,
+            self.addr,
+            self.log,
+            self.sm,
+            self.sink,
+        )
+        .await
     }
 
     /// Writes `key = value` through Raft (this node must be the leader).
-    pub async fn write(&self, key: impl Into<String>, value: impl Into<Bytes>) -> Result<KvResponse, NodeError> {
+    pub async fn write(
+        &self,
+        key: impl Into<String>,
+        value: impl Into<Bytes>,
+    ) -> Result<KvResponse, NodeError> {
         let key = key.into();
-        let req = KvRequest::Set { key: key.clone(), value: value.into() };
-        let resp = self.raft.client_write(req).await.map_err(|e| NodeError::new(format!("write {key}"), e))?;
+        let req = KvRequest::Set {
+            key: key.clone(),
+            value: value.into(),
+        };
+        let resp = self
+            .raft
+            .client_write(req)
+            .await
+            .map_err(|e| NodeError::new(format!("write {key}"), e))?;
         Ok(resp.data)
     }
 
@@ -545,7 +672,10 @@ mod tests {
 
     #[test]
     fn request_round_trips_and_slices_the_value() {
-        let req = KvRequest::Set { key: "k".into(), value: Bytes::from(vec![7u8; 1000]) };
+        let req = KvRequest::Set {
+            key: "k".into(),
+            value: Bytes::from(vec![7u8; 1000]),
+        };
         let wire = req.encode().unwrap();
         assert_eq!(KvRequest::decode(wire).unwrap(), req);
         let del = KvRequest::Delete { key: "gone".into() };

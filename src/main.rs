@@ -11,7 +11,11 @@ use raftwire::demo;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "raftwire", version, about = "A production network layer for openraft clusters")]
+#[command(
+    name = "raftwire",
+    version,
+    about = "A production network layer for openraft clusters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -42,10 +46,16 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RAFTWIRE_LOG").unwrap_or_else(|_| "error".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RAFTWIRE_LOG")
+                .unwrap_or_else(|_| "error".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the tokio runtime: {e}");
@@ -53,16 +63,35 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Demo { transport, writes, value_size, concurrency, json } => {
-            let opts = demo::DemoOptions { transport, writes, value_size, concurrency, verbose: !json };
+        Command::Demo {
+            transport,
+            writes,
+            value_size,
+            concurrency,
+            json,
+        } => {
+            let opts = demo::DemoOptions {
+                transport,
+                writes,
+                value_size,
+                concurrency,
+                verbose: !json,
+            };
             match runtime.block_on(demo::run(opts)) {
                 Ok(report) => {
                     if json {
-                        println!("{}", serde_json::to_string(&report).unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}")));
+                        println!(
+                            "{}",
+                            serde_json::to_string(&report)
+                                .unwrap_or_else(|e| format!("{{\"ok\":false,\"error\":\"{e}\"}}"))
+                        );
                     } else {
                         println!("demo complete over {}:", report.transport);
                         println!("  nodes               {}", report.nodes);
-                        println!("  writes              {} ({:.0} writes/s)", report.writes, report.writes_per_sec);
+                        println!(
+                            "  writes              {} ({:.0} writes/s)",
+                            report.writes, report.writes_per_sec
+                        );
                         println!("  leader changes      {}", report.leader_changes);
                         println!("  snapshot installed  {}", report.snapshot_installed);
                         println!("  elapsed             {} ms", report.elapsed_ms);
@@ -71,7 +100,8 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     if json {
-                        let line = serde_json::json!({"ok": false, "step": e.step, "error": e.reason});
+                        let line =
+                            serde_json::json!({"ok": false, "step": e.step, "error": e.reason});
                         println!("{line}");
                     } else {
                         eprintln!("error: {e}");

@@ -31,7 +31,10 @@ pub(crate) struct Window {
 /// The sending half of a replication stream.
 pub(crate) trait RequestSink<C: RaftWireConfig>: Send {
     /// Encodes and sends one request; returns its encoded size. Must not wait for a reply.
-    fn send(&mut self, req: AppendEntriesRequest<C>) -> impl Future<Output = Result<usize, TransportError>> + Send;
+    fn send(
+        &mut self,
+        req: AppendEntriesRequest<C>,
+    ) -> impl Future<Output = Result<usize, TransportError>> + Send;
 
     /// Half-closes the stream: no more requests follow.
     fn finish(&mut self);
@@ -62,7 +65,8 @@ where
     fn may_send(&self) -> bool {
         !self.input_done
             && (self.in_flight.is_empty()
-                || (self.in_flight.len() < self.window.requests && self.in_flight_bytes < self.window.bytes))
+                || (self.in_flight.len() < self.window.requests
+                    && self.in_flight_bytes < self.window.bytes))
     }
 
     /// The next output item; `None` ends the stream.
@@ -110,7 +114,10 @@ where
         let reply = reply.unwrap_or_else(|| {
             Err(TransportError::Broken {
                 rpc: RPCTypes::AppendEntries,
-                reason: format!("stream ended with {} requests unanswered", self.in_flight.len()),
+                reason: format!(
+                    "stream ended with {} requests unanswered",
+                    self.in_flight.len()
+                ),
             })
         })?;
         if let Some(size) = self.in_flight.pop_front() {

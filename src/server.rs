@@ -46,7 +46,11 @@ impl Server {
         SM::SnapshotData: SnapshotData + Default,
     {
         let sink = || async { Ok(SM::SnapshotData::default()) };
-        ServerBuilder { raft, config: Config::default(), sink: Arc::new(sink) }
+        ServerBuilder {
+            raft,
+            config: Config::default(),
+            sink: Arc::new(sink),
+        }
     }
 
     /// The address the server listens on (with the real port when bound to port 0).
@@ -100,16 +104,28 @@ where
     pub async fn bind(self, addr: SocketAddr) -> Result<Server, ServerError> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
-            .map_err(|source| ServerError::Bind { addr: addr.to_string(), source })?;
-        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: addr.to_string(), source })?;
+            .map_err(|source| ServerError::Bind {
+                addr: addr.to_string(),
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
         let (tx, rx) = oneshot::channel::<()>();
         let transport = self.config.transport;
         let task = match self.config.transport {
             #[cfg(feature = "grpc")]
-            Transport::Grpc => tokio::spawn(serve_grpc(self.raft, self.sink, self.config, listener, rx)),
+            Transport::Grpc => {
+                tokio::spawn(serve_grpc(self.raft, self.sink, self.config, listener, rx))
+            }
         };
         tracing::info!(%local_addr, transport = transport.name(), "raftwire server listening");
-        Ok(Server { local_addr, shutdown: Some(tx), task })
+        Ok(Server {
+            local_addr,
+            shutdown: Some(tx),
+            task,
+        })
     }
 }
 
@@ -137,6 +153,9 @@ where
         .initial_connection_window_size(Some(16 << 20))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .layer(tower::util::MapResponseLayer::new(
+            crate::grpc::remap_oversize,
+        ))
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, async {
             let _ = shutdown.await;

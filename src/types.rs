@@ -35,7 +35,10 @@ pub trait RaftWireConfig:
         LeaderId = WireLeaderId,
         Vote = Vote<WireLeaderId>,
         Payload = EntryPayload<<Self as RaftTypeConfig>::D, u64, <Self as RaftTypeConfig>::Node>,
-        Entry = Entry<WireLeaderId, EntryPayload<<Self as RaftTypeConfig>::D, u64, <Self as RaftTypeConfig>::Node>>,
+        Entry = Entry<
+            WireLeaderId,
+            EntryPayload<<Self as RaftTypeConfig>::D, u64, <Self as RaftTypeConfig>::Node>,
+        >,
         D: WireMessage,
         R: WireMessage,
         Node: WireMessage + PeerAddr,
@@ -50,7 +53,10 @@ impl<C> RaftWireConfig for C where
             LeaderId = WireLeaderId,
             Vote = Vote<WireLeaderId>,
             Payload = EntryPayload<<C as RaftTypeConfig>::D, u64, <C as RaftTypeConfig>::Node>,
-            Entry = Entry<WireLeaderId, EntryPayload<<C as RaftTypeConfig>::D, u64, <C as RaftTypeConfig>::Node>>,
+            Entry = Entry<
+                WireLeaderId,
+                EntryPayload<<C as RaftTypeConfig>::D, u64, <C as RaftTypeConfig>::Node>,
+            >,
             D: WireMessage,
             R: WireMessage,
             Node: WireMessage + PeerAddr,

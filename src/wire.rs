@@ -91,14 +91,18 @@ impl<T: fmt::Display> fmt::Display for Json<T> {
 }
 
 impl<T> WireMessage for Json<T>
-where T: Serialize + DeserializeOwned + Send + Sync + 'static
+where
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
     fn encode(&self) -> Result<Bytes, EncodeError> {
-        serde_json::to_vec(&self.0).map(Bytes::from).map_err(|e| EncodeError(e.to_string()))
+        serde_json::to_vec(&self.0)
+            .map(Bytes::from)
+            .map_err(|e| EncodeError(e.to_string()))
     }
 
     fn decode(bytes: Bytes) -> Result<Self, DecodeError> {
-        serde_json::from_slice(&bytes).map(Json).map_err(|e| DecodeError::invalid("json", e))
+        serde_json::from_slice(&bytes)
+            .map(Json)
+            .map_err(|e| DecodeError::invalid("json", e))
     }
 }
-

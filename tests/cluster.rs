@@ -45,10 +45,20 @@ fn applied(node: &KvNode) -> u64 {
 async fn election(transport: Transport) {
     let c = Cluster::voters(transport, 3).await;
     for id in 1..=3 {
-        assert_eq!(c.await_leader(id, None).await, 1, "node {id} sees node 1 lead");
+        assert_eq!(
+            c.await_leader(id, None).await,
+            1,
+            "node {id} sees node 1 lead"
+        );
     }
     let m = c.node(1).metrics();
-    assert_eq!(m.membership_config.membership().voter_ids().collect::<BTreeSet<_>>(), BTreeSet::from([1, 2, 3]));
+    assert_eq!(
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .collect::<BTreeSet<_>>(),
+        BTreeSet::from([1, 2, 3])
+    );
     c.shutdown().await;
 }
 
@@ -62,7 +72,11 @@ async fn ten_thousand_writes_are_identical_everywhere(transport: Transport) {
     let reference = c.node(1).sm.dump();
     assert_eq!(reference.len(), 10_000);
     for id in 2..=3 {
-        assert_eq!(c.node(id).sm.dump(), reference, "node {id} differs from the leader");
+        assert_eq!(
+            c.node(id).sm.dump(),
+            reference,
+            "node {id} differs from the leader"
+        );
     }
     c.shutdown().await;
 }
@@ -71,7 +85,10 @@ async fn replication_is_pipelined(transport: Transport) {
     let c = Cluster::voters(transport, 3).await;
     write_many(c.node(1), 3_000, Bytes::from(vec![1u8; 1024]), 256).await;
     let stats = c.node(1).network.stats();
-    assert!(stats.max_in_flight > 1, "never more than one request in flight: {stats:?}");
+    assert!(
+        stats.max_in_flight > 1,
+        "never more than one request in flight: {stats:?}"
+    );
     c.shutdown().await;
 }
 
@@ -85,7 +102,11 @@ async fn leader_crash_loses_no_acknowledged_write(transport: Transport) {
     let leader = c.node(new_leader);
     leader.read("k000000").await.unwrap();
     for i in 0..1_000 {
-        assert_eq!(leader.sm.get(&format!("k{i:06}")).as_deref(), Some(&b"acked"[..]), "write {i} lost");
+        assert_eq!(
+            leader.sm.get(&format!("k{i:06}")).as_deref(),
+            Some(&b"acked"[..]),
+            "write {i} lost"
+        );
     }
     // The new leader accepts writes.
     leader.write("after-failover", "x").await.unwrap();
@@ -101,23 +122,41 @@ async fn snapshot_and_purge(c: &Cluster, n: u64, size: usize) -> u64 {
         demo::await_applied(node, upto).await.unwrap();
         node.raft.trigger().snapshot().await.unwrap();
         let wait = node.raft.wait(Some(Duration::from_secs(10)));
-        wait.metrics(|m| m.snapshot.is_some_and(|s| s.index >= upto), "snapshot").await.unwrap();
+        wait.metrics(|m| m.snapshot.is_some_and(|s| s.index >= upto), "snapshot")
+            .await
+            .unwrap();
         node.raft.trigger().purge_log(upto).await.unwrap();
-        wait.metrics(|m| m.purged.is_some_and(|p| p.index >= upto), "purge").await.unwrap();
+        wait.metrics(|m| m.purged.is_some_and(|p| p.index >= upto), "purge")
+            .await
+            .unwrap();
     }
     upto
 }
 
 async fn snapshot_in_chunks_reaches_learner_after_purge(transport: Transport) {
     let chunk = 64 << 10;
-    let config = Config::builder().transport(transport).snapshot_chunk_size(chunk).build().unwrap();
+    let config = Config::builder()
+        .transport(transport)
+        .snapshot_chunk_size(chunk)
+        .build()
+        .unwrap();
     let mut c = Cluster::voters_with(config.clone(), 3).await;
     let upto = snapshot_and_purge(&c, 200, 16 << 10).await;
-    let n4 = KvNode::start(4, demo::raft_config(), config, loopback()).await.unwrap();
+    let n4 = KvNode::start(4, demo::raft_config(), config, loopback())
+        .await
+        .unwrap();
     let leader = c.await_leader(1, None).await;
-    c.node(leader).raft.add_learner(4, n4.node(), true).await.unwrap();
+    c.node(leader)
+        .raft
+        .add_learner(4, n4.node(), true)
+        .await
+        .unwrap();
     demo::await_applied(&n4, upto).await.unwrap();
-    assert_eq!(n4.sm.snapshots_installed(), 1, "learner caught up without a snapshot");
+    assert_eq!(
+        n4.sm.snapshots_installed(),
+        1,
+        "learner caught up without a snapshot"
+    );
     assert_eq!(n4.sm.dump(), c.node(1).sm.dump());
     // The learner installs before the leader reads the reply: give the reply a moment.
     let mut stats = c.node(leader).network.stats();
@@ -129,7 +168,10 @@ async fn snapshot_in_chunks_reaches_learner_after_purge(transport: Transport) {
         stats = c.node(leader).network.stats();
     }
     assert_eq!(stats.snapshots_sent, 1, "{stats:?}");
-    assert!(stats.snapshot_bytes_sent >= 3 * chunk as u64, "snapshot was not several chunks: {stats:?}");
+    assert!(
+        stats.snapshot_bytes_sent >= 3 * chunk as u64,
+        "snapshot was not several chunks: {stats:?}"
+    );
     c.nodes.insert(4, n4);
     c.shutdown().await;
 }
@@ -138,14 +180,25 @@ async fn membership_change(transport: Transport) {
     let c = Cluster::voters(transport, 3).await;
     let leader = c.node(1);
     // `retain`: node 3 stays on as a learner, so it can be promoted again.
-    leader.raft.change_membership(BTreeSet::from([1, 2]), true).await.unwrap();
+    leader
+        .raft
+        .change_membership(BTreeSet::from([1, 2]), true)
+        .await
+        .unwrap();
     let voters = |id: u64| {
         let m = c.node(id).metrics();
-        m.membership_config.membership().voter_ids().collect::<BTreeSet<_>>()
+        m.membership_config
+            .membership()
+            .voter_ids()
+            .collect::<BTreeSet<_>>()
     };
     assert_eq!(voters(1), BTreeSet::from([1, 2]));
     leader.write("two-voters", "ok").await.unwrap();
-    leader.raft.change_membership(BTreeSet::from([1, 2, 3]), false).await.unwrap();
+    leader
+        .raft
+        .change_membership(BTreeSet::from([1, 2, 3]), false)
+        .await
+        .unwrap();
     let target = applied(leader);
     c.await_applied(3, target).await;
     assert_eq!(voters(3), BTreeSet::from([1, 2, 3]));
@@ -165,7 +218,10 @@ async fn restarted_follower_reconnects(transport: Transport) {
     let target = applied(c.node(1));
     demo::await_applied(&f, target).await.unwrap();
     assert_eq!(f.sm.get("last").as_deref(), Some(&b"x"[..]));
-    assert!(c.node(1).network.stats().connects > connects_before, "leader never reconnected");
+    assert!(
+        c.node(1).network.stats().connects > connects_before,
+        "leader never reconnected"
+    );
     c.nodes.insert(3, f);
     c.shutdown().await;
 }
@@ -188,9 +244,19 @@ async fn heartbeats_flow_while_snapshot_streams(transport: Transport) {
             Ok::<_, std::io::Error>(KvSnapshotData::default())
         }
     };
-    let n3 = KvNode::start_with_sink(3, raft_config, config, loopback(), sink).await.unwrap();
-    c.node(1).raft.add_learner(3, n3.node(), true).await.unwrap();
-    c.node(1).raft.change_membership(BTreeSet::from([1, 2, 3]), false).await.unwrap();
+    let n3 = KvNode::start_with_sink(3, raft_config, config, loopback(), sink)
+        .await
+        .unwrap();
+    c.node(1)
+        .raft
+        .add_learner(3, n3.node(), true)
+        .await
+        .unwrap();
+    c.node(1)
+        .raft
+        .change_membership(BTreeSet::from([1, 2, 3]), false)
+        .await
+        .unwrap();
     let mut n3 = n3;
     n3.stop().await.unwrap();
 
@@ -209,10 +275,21 @@ async fn heartbeats_flow_while_snapshot_streams(transport: Transport) {
         }
     }
     demo::await_applied(&n3, upto).await.unwrap();
-    assert_eq!(n3.sm.snapshots_installed(), 1, "node 3 caught up without a snapshot");
-    assert!(acks.len() >= 5, "heartbeats to node 3 stalled during the snapshot: {} distinct acks", acks.len());
+    assert_eq!(
+        n3.sm.snapshots_installed(),
+        1,
+        "node 3 caught up without a snapshot"
+    );
+    assert!(
+        acks.len() >= 5,
+        "heartbeats to node 3 stalled during the snapshot: {} distinct acks",
+        acks.len()
+    );
     let m = c.node(1).metrics();
-    assert_eq!(m.current_term, term, "an election happened during the snapshot");
+    assert_eq!(
+        m.current_term, term,
+        "an election happened during the snapshot"
+    );
     assert_eq!(m.current_leader, Some(1));
     c.nodes.insert(3, n3);
     c.shutdown().await;

@@ -64,22 +64,38 @@ impl Lane {
                     .keep_alive_while_idle(true)
             })
             .map_err(|e| format!("invalid address `{addr}`: {e}"));
-        Lane { addr: addr.to_string(), endpoint, channel: Mutex::new(None), max_message_size: config.max_message_size, stats }
+        Lane {
+            addr: addr.to_string(),
+            endpoint,
+            channel: Mutex::new(None),
+            max_message_size: config.max_message_size,
+            stats,
+        }
     }
 
     async fn client(&self) -> Result<RaftClient<Channel>, TransportError> {
-        let cached = self.channel.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let cached = self
+            .channel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let channel = match cached {
             Some(c) => c,
             None => {
-                let endpoint = self
-                    .endpoint
-                    .as_ref()
-                    .map_err(|reason| TransportError::Connect { addr: self.addr.clone(), reason: reason.clone() })?;
-                let channel = endpoint.connect().await.map_err(|e| TransportError::Connect {
-                    addr: self.addr.clone(),
-                    reason: error_chain(&e),
-                })?;
+                let endpoint =
+                    self.endpoint
+                        .as_ref()
+                        .map_err(|reason| TransportError::Connect {
+                            addr: self.addr.clone(),
+                            reason: reason.clone(),
+                        })?;
+                let channel = endpoint
+                    .connect()
+                    .await
+                    .map_err(|e| TransportError::Connect {
+                        addr: self.addr.clone(),
+                        reason: error_chain(&e),
+                    })?;
                 self.stats.record_connect();
                 *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel.clone());
                 channel
@@ -95,21 +111,37 @@ impl Lane {
     fn failed(&self, rpc: RPCTypes, status: Status) -> TransportError {
         let err = status_to_error(rpc, status);
         if matches!(err, TransportError::Broken { .. }) {
-            self.channel.lock().unwrap_or_else(|p| p.into_inner()).take();
+            self.channel
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
         }
         err
     }
 
-    async fn unary<Resp, F, Fut>(&self, rpc: RPCTypes, deadline: Duration, call: F) -> Result<Resp, TransportError>
+    async fn unary<Resp, F, Fut>(
+        &self,
+        rpc: RPCTypes,
+        deadline: Duration,
+        call: F,
+    ) -> Result<Resp, TransportError>
     where
         F: FnOnce(RaftClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
         let work = async {
             let client = self.client().await?;
-            call(client).await.map(|r| r.into_inner()).map_err(|s| self.failed(rpc, s))
+            call(client)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| self.failed(rpc, s))
         };
-        tokio::time::timeout(deadline, work).await.map_err(|_| TransportError::Timeout { rpc, after: deadline })?
+        tokio::time::timeout(deadline, work)
+            .await
+            .map_err(|_| TransportError::Timeout {
+                rpc,
+                after: deadline,
+            })?
     }
 
     pub(crate) async fn vote<C: RaftWireConfig>(
@@ -121,10 +153,17 @@ impl Lane {
         let msg = convert::vote_request_to_pb(req);
         let resp = self
             .unary(RPCTypes::Vote, deadline, |mut c| async move {
-                if pre_vote { c.pre_vote(msg).await } else { c.vote(msg).await }
+                if pre_vote {
+                    c.pre_vote(msg).await
+                } else {
+                    c.vote(msg).await
+                }
             })
             .await?;
-        convert::vote_response_from_pb(resp).map_err(|source| TransportError::Decode { rpc: RPCTypes::Vote, source })
+        convert::vote_response_from_pb(resp).map_err(|source| TransportError::Decode {
+            rpc: RPCTypes::Vote,
+            source,
+        })
     }
 
     pub(crate) async fn append<C: RaftWireConfig>(
@@ -133,9 +172,15 @@ impl Lane {
         deadline: Duration,
     ) -> Result<AppendEntriesResponse<C>, TransportError> {
         let msg = convert::append_request_to_pb(req)?;
-        let resp = self.unary(RPCTypes::AppendEntries, deadline, |mut c| async move { c.append_entries(msg).await }).await?;
-        convert::append_response_from_pb(resp)
-            .map_err(|source| TransportError::Decode { rpc: RPCTypes::AppendEntries, source })
+        let resp = self
+            .unary(RPCTypes::AppendEntries, deadline, |mut c| async move {
+                c.append_entries(msg).await
+            })
+            .await?;
+        convert::append_response_from_pb(resp).map_err(|source| TransportError::Decode {
+            rpc: RPCTypes::AppendEntries,
+            source,
+        })
     }
 
     pub(crate) async fn transfer_leader<C: RaftWireConfig>(
@@ -144,10 +189,15 @@ impl Lane {
         deadline: Duration,
     ) -> Result<TransferLeaderResponse<C>, TransportError> {
         let msg = convert::transfer_request_to_pb(req);
-        let resp =
-            self.unary(RPCTypes::TransferLeader, deadline, |mut c| async move { c.transfer_leader(msg).await }).await?;
-        convert::transfer_response_from_pb(resp)
-            .map_err(|source| TransportError::Decode { rpc: RPCTypes::TransferLeader, source })
+        let resp = self
+            .unary(RPCTypes::TransferLeader, deadline, |mut c| async move {
+                c.transfer_leader(msg).await
+            })
+            .await?;
+        convert::transfer_response_from_pb(resp).map_err(|source| TransportError::Decode {
+            rpc: RPCTypes::TransferLeader,
+            source,
+        })
     }
 
     /// Opens a bidirectional StreamAppend call and pipelines `input` over it.
@@ -156,7 +206,10 @@ impl Lane {
         input: S,
         config: &Config,
         deadline: Duration,
-    ) -> Result<impl Stream<Item = Result<StreamAppendResult<C>, TransportError>> + Send + 's, TransportError>
+    ) -> Result<
+        impl Stream<Item = Result<StreamAppendResult<C>, TransportError>> + Send + 's,
+        TransportError,
+    >
     where
         C: RaftWireConfig,
         S: Stream<Item = AppendEntriesRequest<C>> + Send + Unpin + 'static,
@@ -166,19 +219,36 @@ impl Lane {
         let (tx, rx) = mpsc::channel(config.max_in_flight_requests);
         let open = async {
             let mut client = self.client().await?;
-            client.stream_append(ReceiverStream::new(rx)).await.map_err(|s| self.failed(rpc, s))
+            client
+                .stream_append(ReceiverStream::new(rx))
+                .await
+                .map_err(|s| self.failed(rpc, s))
         };
         let replies = tokio::time::timeout(deadline, open)
             .await
-            .map_err(|_| TransportError::Timeout { rpc, after: deadline })??
+            .map_err(|_| TransportError::Timeout {
+                rpc,
+                after: deadline,
+            })??
             .into_inner();
         let replies = replies.map(move |r| match r {
-            Ok(reply) => convert::stream_reply_from_pb(reply).map_err(|source| TransportError::Decode { rpc, source }),
+            Ok(reply) => convert::stream_reply_from_pb(reply)
+                .map_err(|source| TransportError::Decode { rpc, source }),
             Err(status) => Err(self.failed(rpc, status)),
         });
-        let window = pipeline::Window { requests: config.max_in_flight_requests, bytes: config.max_in_flight_bytes };
+        let window = pipeline::Window {
+            requests: config.max_in_flight_requests,
+            bytes: config.max_in_flight_bytes,
+        };
         let sink = ChannelSink { tx: Some(tx) };
-        Ok(pipeline::run(input, sink, replies, window, deadline, self.stats.clone()))
+        Ok(pipeline::run(
+            input,
+            sink,
+            replies,
+            window,
+            deadline,
+            self.stats.clone(),
+        ))
     }
 
     /// Streams a snapshot as a header and chunks of `chunk_size`, reading the data lazily so
@@ -199,19 +269,33 @@ impl Lane {
         let rpc = RPCTypes::InstallSnapshot;
         let timeout = |_| TransportError::Timeout { rpc, after: idle };
         let header = convert::snapshot_header_to_pb::<C>(vote, meta)?;
-        let mut client = tokio::time::timeout(idle, self.client()).await.map_err(timeout)??;
+        let mut client = tokio::time::timeout(idle, self.client())
+            .await
+            .map_err(timeout)??;
         let (tx, rx) = mpsc::channel::<pb::SnapshotChunk>(2);
-        let first = pb::SnapshotChunk { kind: Some(pb::snapshot_chunk::Kind::Header(header)) };
-        tx.send(first).await.map_err(|_| TransportError::Broken { rpc, reason: "request stream closed".into() })?;
+        let first = pb::SnapshotChunk {
+            kind: Some(pb::snapshot_chunk::Kind::Header(header)),
+        };
+        tx.send(first).await.map_err(|_| TransportError::Broken {
+            rpc,
+            reason: "request stream closed".into(),
+        })?;
 
         let call = client.install_snapshot(ReceiverStream::new(rx));
         let stats = self.stats.clone();
         let produce = async move {
-            data.seek(std::io::SeekFrom::Start(0)).await.map_err(TransportError::SnapshotRead)?;
+            data.seek(std::io::SeekFrom::Start(0))
+                .await
+                .map_err(TransportError::SnapshotRead)?;
             loop {
                 let mut buf = BytesMut::with_capacity(chunk_size);
                 while buf.len() < chunk_size {
-                    if data.read_buf(&mut buf).await.map_err(TransportError::SnapshotRead)? == 0 {
+                    if data
+                        .read_buf(&mut buf)
+                        .await
+                        .map_err(TransportError::SnapshotRead)?
+                        == 0
+                    {
                         break;
                     }
                 }
@@ -219,11 +303,16 @@ impl Lane {
                     return Ok::<_, TransportError>(());
                 }
                 let n = buf.len();
-                let chunk = pb::SnapshotChunk { kind: Some(pb::snapshot_chunk::Kind::Data(buf.freeze())) };
+                let chunk = pb::SnapshotChunk {
+                    kind: Some(pb::snapshot_chunk::Kind::Data(buf.freeze())),
+                };
                 tokio::time::timeout(idle, tx.send(chunk))
                     .await
                     .map_err(timeout)?
-                    .map_err(|_| TransportError::Broken { rpc, reason: "receiver closed the stream".into() })?;
+                    .map_err(|_| TransportError::Broken {
+                        rpc,
+                        reason: "receiver closed the stream".into(),
+                    })?;
                 stats.record_snapshot_bytes(n);
             }
             // `tx` drops here: the request stream ends and the receiver installs.
@@ -242,7 +331,8 @@ impl Lane {
         .map_err(|s| self.failed(rpc, s))?
         .into_inner();
         self.stats.record_snapshot_sent();
-        convert::snapshot_response_from_pb(resp).map_err(|source| TransportError::Decode { rpc, source })
+        convert::snapshot_response_from_pb(resp)
+            .map_err(|source| TransportError::Decode { rpc, source })
     }
 }
 
@@ -254,7 +344,10 @@ impl<C: RaftWireConfig> RequestSink<C> for ChannelSink {
     async fn send(&mut self, req: AppendEntriesRequest<C>) -> Result<usize, TransportError> {
         let msg = convert::append_request_to_pb(&req)?;
         let size = msg.encoded_len();
-        let closed = || TransportError::Broken { rpc: RPCTypes::AppendEntries, reason: "request stream closed".into() };
+        let closed = || TransportError::Broken {
+            rpc: RPCTypes::AppendEntries,
+            reason: "request stream closed".into(),
+        };
         let tx = self.tx.as_ref().ok_or_else(closed)?;
         tx.send(msg).await.map_err(|_| closed())?;
         Ok(size)
@@ -269,11 +362,20 @@ impl<C: RaftWireConfig> RequestSink<C> for ChannelSink {
 /// else came from the connection.
 fn status_to_error(rpc: RPCTypes, status: Status) -> TransportError {
     if status.metadata().get(ERROR_MARK).is_some() {
-        return TransportError::Remote { rpc, reason: format!("{:?}: {}", status.code(), status.message()) };
+        return TransportError::Remote {
+            rpc,
+            reason: format!("{:?}: {}", status.code(), status.message()),
+        };
     }
     match status.code() {
-        Code::DeadlineExceeded => TransportError::Timeout { rpc, after: Duration::ZERO },
-        _ => TransportError::Broken { rpc, reason: error_chain(&status) },
+        Code::DeadlineExceeded => TransportError::Timeout {
+            rpc,
+            after: Duration::ZERO,
+        },
+        _ => TransportError::Broken {
+            rpc,
+            reason: error_chain(&status),
+        },
     }
 }
 

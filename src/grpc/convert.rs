@@ -41,25 +41,43 @@ fn required<T>(v: Option<T>, field: &str) -> Result<T, DecodeError> {
 // ---- leader id, vote, log id ----
 
 pub(crate) fn leader_id_to_pb(l: &WireLeaderId) -> pb::LeaderId {
-    pb::LeaderId { term: l.term, node_id: l.node_id }
+    pb::LeaderId {
+        term: l.term,
+        node_id: l.node_id,
+    }
 }
 
 fn leader_id_from_pb(l: pb::LeaderId) -> WireLeaderId {
-    WireLeaderId { term: l.term, node_id: l.node_id }
+    WireLeaderId {
+        term: l.term,
+        node_id: l.node_id,
+    }
 }
 
 pub(crate) fn vote_to_pb(v: &Vote<WireLeaderId>) -> pb::Vote {
-    pb::Vote { leader_id: Some(leader_id_to_pb(&v.leader_id)), committed: v.committed }
+    pb::Vote {
+        leader_id: Some(leader_id_to_pb(&v.leader_id)),
+        committed: v.committed,
+    }
 }
 
-pub(crate) fn vote_from_pb(v: Option<pb::Vote>, field: &str) -> Result<Vote<WireLeaderId>, DecodeError> {
+pub(crate) fn vote_from_pb(
+    v: Option<pb::Vote>,
+    field: &str,
+) -> Result<Vote<WireLeaderId>, DecodeError> {
     let v = required(v, field)?;
     let leader_id = required(v.leader_id, "leader_id").map_err(|e| e.within(field))?;
-    Ok(Vote { leader_id: leader_id_from_pb(leader_id), committed: v.committed })
+    Ok(Vote {
+        leader_id: leader_id_from_pb(leader_id),
+        committed: v.committed,
+    })
 }
 
 pub(crate) fn log_id_to_pb(l: &WireLogId) -> pb::LogId {
-    pb::LogId { leader_id: Some(leader_id_to_pb(&l.leader_id)), index: l.index }
+    pb::LogId {
+        leader_id: Some(leader_id_to_pb(&l.leader_id)),
+        index: l.index,
+    }
 }
 
 fn opt_log_id_to_pb(l: &Option<WireLogId>) -> Option<pb::LogId> {
@@ -68,7 +86,10 @@ fn opt_log_id_to_pb(l: &Option<WireLogId>) -> Option<pb::LogId> {
 
 fn log_id_from_pb(l: pb::LogId, field: &str) -> Result<WireLogId, DecodeError> {
     let leader_id = required(l.leader_id, "leader_id").map_err(|e| e.within(field))?;
-    Ok(LogId { leader_id: leader_id_from_pb(leader_id), index: l.index })
+    Ok(LogId {
+        leader_id: leader_id_from_pb(leader_id),
+        index: l.index,
+    })
 }
 
 /// An optional log id: absent means "no log" in openraft, so absence is valid here.
@@ -78,24 +99,49 @@ fn opt_log_id_from_pb(l: Option<pb::LogId>, field: &str) -> Result<Option<WireLo
 
 // ---- membership and entries ----
 
-fn membership_to_pb<N: WireMessage + openraft::Node>(m: &Membership<u64, N>) -> Result<pb::Membership, EncodeError> {
-    let configs = m.get_joint_config().iter().map(|set| pb::VoterSet { ids: set.iter().copied().collect() }).collect();
+fn membership_to_pb<N: WireMessage + openraft::Node>(
+    m: &Membership<u64, N>,
+) -> Result<pb::Membership, EncodeError> {
+    let configs = m
+        .get_joint_config()
+        .iter()
+        .map(|set| pb::VoterSet {
+            ids: set.iter().copied().collect(),
+        })
+        .collect();
     let nodes = m
         .nodes()
-        .map(|(id, node)| Ok(pb::NodeEntry { id: *id, node: node.encode()? }))
+        .map(|(id, node)| {
+            Ok(pb::NodeEntry {
+                id: *id,
+                node: node.encode()?,
+            })
+        })
         .collect::<Result<_, EncodeError>>()?;
     Ok(pb::Membership { configs, nodes })
 }
 
-fn membership_from_pb<N>(m: Option<pb::Membership>, field: &str) -> Result<Membership<u64, N>, DecodeError>
-where N: WireMessage + openraft::Node {
+fn membership_from_pb<N>(
+    m: Option<pb::Membership>,
+    field: &str,
+) -> Result<Membership<u64, N>, DecodeError>
+where
+    N: WireMessage + openraft::Node,
+{
     let m = required(m, field)?;
-    let configs: Vec<BTreeSet<u64>> = m.configs.into_iter().map(|s| s.ids.into_iter().collect()).collect();
+    let configs: Vec<BTreeSet<u64>> = m
+        .configs
+        .into_iter()
+        .map(|s| s.ids.into_iter().collect())
+        .collect();
     let mut nodes = BTreeMap::new();
     for (i, n) in m.nodes.into_iter().enumerate() {
         let node = N::decode(n.node).map_err(|e| e.within(&format!("{field}.nodes[{i}].node")))?;
         if nodes.insert(n.id, node).is_some() {
-            return Err(DecodeError::invalid(&format!("{field}.nodes[{i}].id"), format!("node {} listed twice", n.id)));
+            return Err(DecodeError::invalid(
+                &format!("{field}.nodes[{i}].id"),
+                format!("node {} listed twice", n.id),
+            ));
         }
     }
     Membership::new(configs, nodes).map_err(|e| DecodeError::invalid(field, e))
@@ -107,17 +153,25 @@ fn entry_to_pb<C: RaftWireConfig>(e: &C::Entry) -> Result<pb::Entry, EncodeError
         EntryPayload::Normal(d) => pb::entry::Payload::Normal(d.encode()?),
         EntryPayload::Membership(m) => pb::entry::Payload::Membership(membership_to_pb(m)?),
     };
-    Ok(pb::Entry { log_id: Some(log_id_to_pb(&e.log_id)), payload: Some(payload) })
+    Ok(pb::Entry {
+        log_id: Some(log_id_to_pb(&e.log_id)),
+        payload: Some(payload),
+    })
 }
 
 fn entry_from_pb<C: RaftWireConfig>(e: pb::Entry, field: &str) -> Result<C::Entry, DecodeError> {
-    let log_id = log_id_from_pb(required(e.log_id, "log_id").map_err(|x| x.within(field))?, &format!("{field}.log_id"))?;
+    let log_id = log_id_from_pb(
+        required(e.log_id, "log_id").map_err(|x| x.within(field))?,
+        &format!("{field}.log_id"),
+    )?;
     let payload = match required(e.payload, "payload").map_err(|x| x.within(field))? {
         pb::entry::Payload::Blank(_) => EntryPayload::Blank,
         pb::entry::Payload::Normal(b) => {
             EntryPayload::Normal(C::D::decode(b).map_err(|x| x.within(&format!("{field}.normal")))?)
         }
-        pb::entry::Payload::Membership(m) => EntryPayload::Membership(membership_from_pb(Some(m), &format!("{field}.membership"))?),
+        pb::entry::Payload::Membership(m) => {
+            EntryPayload::Membership(membership_from_pb(Some(m), &format!("{field}.membership"))?)
+        }
     };
     Ok(Entry { log_id, payload })
 }
@@ -132,7 +186,9 @@ pub(crate) fn vote_request_to_pb<C: RaftWireConfig>(r: &VoteRequest<C>) -> pb::V
     }
 }
 
-pub(crate) fn vote_request_from_pb<C: RaftWireConfig>(r: pb::VoteRequest) -> Result<VoteRequest<C>, DecodeError> {
+pub(crate) fn vote_request_from_pb<C: RaftWireConfig>(
+    r: pb::VoteRequest,
+) -> Result<VoteRequest<C>, DecodeError> {
     Ok(VoteRequest {
         vote: vote_from_pb(r.vote, "vote")?,
         last_log_id: opt_log_id_from_pb(r.last_log_id, "last_log_id")?,
@@ -148,7 +204,9 @@ pub(crate) fn vote_response_to_pb<C: RaftWireConfig>(r: &VoteResponse<C>) -> pb:
     }
 }
 
-pub(crate) fn vote_response_from_pb<C: RaftWireConfig>(r: pb::VoteResponse) -> Result<VoteResponse<C>, DecodeError> {
+pub(crate) fn vote_response_from_pb<C: RaftWireConfig>(
+    r: pb::VoteResponse,
+) -> Result<VoteResponse<C>, DecodeError> {
     Ok(VoteResponse {
         vote: vote_from_pb(r.vote, "vote")?,
         vote_granted: r.vote_granted,
@@ -164,7 +222,11 @@ pub(crate) fn append_request_to_pb<C: RaftWireConfig>(
     Ok(pb::AppendEntriesRequest {
         vote: Some(vote_to_pb(&r.vote)),
         prev_log_id: opt_log_id_to_pb(&r.prev_log_id),
-        entries: r.entries.iter().map(entry_to_pb::<C>).collect::<Result<_, _>>()?,
+        entries: r
+            .entries
+            .iter()
+            .map(entry_to_pb::<C>)
+            .collect::<Result<_, _>>()?,
         leader_commit: opt_log_id_to_pb(&r.leader_commit),
     })
 }
@@ -184,15 +246,21 @@ pub(crate) fn append_request_from_pb<C: RaftWireConfig>(
     })
 }
 
-pub(crate) fn append_response_to_pb<C: RaftWireConfig>(r: &AppendEntriesResponse<C>) -> pb::AppendEntriesResponse {
+pub(crate) fn append_response_to_pb<C: RaftWireConfig>(
+    r: &AppendEntriesResponse<C>,
+) -> pb::AppendEntriesResponse {
     use pb::append_entries_response::Result as R;
     let result = match r {
         AppendEntriesResponse::Success => R::Success(pb::Blank {}),
-        AppendEntriesResponse::PartialSuccess(m) => R::PartialSuccess(pb::Matched { log_id: opt_log_id_to_pb(m) }),
+        AppendEntriesResponse::PartialSuccess(m) => R::PartialSuccess(pb::Matched {
+            log_id: opt_log_id_to_pb(m),
+        }),
         AppendEntriesResponse::Conflict => R::Conflict(pb::Blank {}),
         AppendEntriesResponse::HigherVote(v) => R::HigherVote(vote_to_pb(v)),
     };
-    pb::AppendEntriesResponse { result: Some(result) }
+    pb::AppendEntriesResponse {
+        result: Some(result),
+    }
 }
 
 pub(crate) fn append_response_from_pb<C: RaftWireConfig>(
@@ -201,28 +269,44 @@ pub(crate) fn append_response_from_pb<C: RaftWireConfig>(
     use pb::append_entries_response::Result as R;
     Ok(match required(r.result, "result")? {
         R::Success(_) => AppendEntriesResponse::Success,
-        R::PartialSuccess(m) => AppendEntriesResponse::PartialSuccess(opt_log_id_from_pb(m.log_id, "partial_success.log_id")?),
+        R::PartialSuccess(m) => AppendEntriesResponse::PartialSuccess(opt_log_id_from_pb(
+            m.log_id,
+            "partial_success.log_id",
+        )?),
         R::Conflict(_) => AppendEntriesResponse::Conflict,
-        R::HigherVote(v) => AppendEntriesResponse::HigherVote(vote_from_pb(Some(v), "higher_vote")?),
+        R::HigherVote(v) => {
+            AppendEntriesResponse::HigherVote(vote_from_pb(Some(v), "higher_vote")?)
+        }
     })
 }
 
-pub(crate) fn stream_reply_to_pb<C: RaftWireConfig>(r: &StreamAppendResult<C>) -> pb::StreamAppendReply {
+pub(crate) fn stream_reply_to_pb<C: RaftWireConfig>(
+    r: &StreamAppendResult<C>,
+) -> pb::StreamAppendReply {
     use pb::stream_append_reply::Result as R;
     let result = match r {
-        Ok(m) => R::Matched(pb::Matched { log_id: opt_log_id_to_pb(m) }),
+        Ok(m) => R::Matched(pb::Matched {
+            log_id: opt_log_id_to_pb(m),
+        }),
         Err(StreamAppendError::Conflict(l)) => R::Conflict(log_id_to_pb(l)),
         Err(StreamAppendError::HigherVote(v)) => R::HigherVote(vote_to_pb(v)),
     };
-    pb::StreamAppendReply { result: Some(result) }
+    pb::StreamAppendReply {
+        result: Some(result),
+    }
 }
 
-pub(crate) fn stream_reply_from_pb<C: RaftWireConfig>(r: pb::StreamAppendReply) -> Result<StreamAppendResult<C>, DecodeError> {
+pub(crate) fn stream_reply_from_pb<C: RaftWireConfig>(
+    r: pb::StreamAppendReply,
+) -> Result<StreamAppendResult<C>, DecodeError> {
     use pb::stream_append_reply::Result as R;
     Ok(match required(r.result, "result")? {
         R::Matched(m) => Ok(opt_log_id_from_pb(m.log_id, "matched.log_id")?),
         R::Conflict(l) => Err(StreamAppendError::Conflict(log_id_from_pb(l, "conflict")?)),
-        R::HigherVote(v) => Err(StreamAppendError::HigherVote(vote_from_pb(Some(v), "higher_vote")?)),
+        R::HigherVote(v) => Err(StreamAppendError::HigherVote(vote_from_pb(
+            Some(v),
+            "higher_vote",
+        )?)),
     })
 }
 
@@ -251,24 +335,37 @@ pub(crate) fn snapshot_header_from_pb<C: RaftWireConfig>(
     let meta = openraft::SnapshotMeta {
         last_log_id: opt_log_id_from_pb(meta.last_log_id, "header.meta.last_log_id")?,
         last_membership: StoredMembership::new(
-            opt_log_id_from_pb(meta.last_membership_log_id, "header.meta.last_membership_log_id")?,
+            opt_log_id_from_pb(
+                meta.last_membership_log_id,
+                "header.meta.last_membership_log_id",
+            )?,
             membership,
         ),
     };
     Ok((vote, meta))
 }
 
-pub(crate) fn snapshot_response_to_pb<C: RaftWireConfig>(r: &SnapshotResponse<C>) -> pb::SnapshotResponse {
-    pb::SnapshotResponse { vote: Some(vote_to_pb(&r.vote)) }
+pub(crate) fn snapshot_response_to_pb<C: RaftWireConfig>(
+    r: &SnapshotResponse<C>,
+) -> pb::SnapshotResponse {
+    pb::SnapshotResponse {
+        vote: Some(vote_to_pb(&r.vote)),
+    }
 }
 
-pub(crate) fn snapshot_response_from_pb<C: RaftWireConfig>(r: pb::SnapshotResponse) -> Result<SnapshotResponse<C>, DecodeError> {
-    Ok(SnapshotResponse { vote: vote_from_pb(r.vote, "vote")? })
+pub(crate) fn snapshot_response_from_pb<C: RaftWireConfig>(
+    r: pb::SnapshotResponse,
+) -> Result<SnapshotResponse<C>, DecodeError> {
+    Ok(SnapshotResponse {
+        vote: vote_from_pb(r.vote, "vote")?,
+    })
 }
 
 // ---- transfer leader ----
 
-pub(crate) fn transfer_request_to_pb<C: RaftWireConfig>(r: &TransferLeaderRequest<C>) -> pb::TransferLeaderRequest {
+pub(crate) fn transfer_request_to_pb<C: RaftWireConfig>(
+    r: &TransferLeaderRequest<C>,
+) -> pb::TransferLeaderRequest {
     pb::TransferLeaderRequest {
         from_leader: Some(vote_to_pb(r.from_leader())),
         to_node_id: *r.to_node_id(),
@@ -286,20 +383,28 @@ pub(crate) fn transfer_request_from_pb<C: RaftWireConfig>(
     ))
 }
 
-pub(crate) fn transfer_response_to_pb<C: RaftWireConfig>(r: &TransferLeaderResponse<C>) -> pb::TransferLeaderResponse {
+pub(crate) fn transfer_response_to_pb<C: RaftWireConfig>(
+    r: &TransferLeaderResponse<C>,
+) -> pb::TransferLeaderResponse {
     use pb::transfer_leader_response::Result as R;
     let result = match r {
         Ok(()) => R::Ok(pb::Blank {}),
-        Err(TransferLeaderError::VoteChanged { expected, actual }) => R::VoteChanged(pb::VoteChanged {
-            expected: Some(vote_to_pb(expected)),
-            actual: Some(vote_to_pb(actual)),
-        }),
-        Err(TransferLeaderError::LogNotFlushed { expected, actual }) => R::LogNotFlushed(pb::LogNotFlushed {
-            expected: opt_log_id_to_pb(expected),
-            actual: opt_log_id_to_pb(actual),
-        }),
+        Err(TransferLeaderError::VoteChanged { expected, actual }) => {
+            R::VoteChanged(pb::VoteChanged {
+                expected: Some(vote_to_pb(expected)),
+                actual: Some(vote_to_pb(actual)),
+            })
+        }
+        Err(TransferLeaderError::LogNotFlushed { expected, actual }) => {
+            R::LogNotFlushed(pb::LogNotFlushed {
+                expected: opt_log_id_to_pb(expected),
+                actual: opt_log_id_to_pb(actual),
+            })
+        }
     };
-    pb::TransferLeaderResponse { result: Some(result) }
+    pb::TransferLeaderResponse {
+        result: Some(result),
+    }
 }
 
 pub(crate) fn transfer_response_from_pb<C: RaftWireConfig>(

@@ -6,6 +6,7 @@ mod server;
 
 pub(crate) use client::Lane;
 pub(crate) use server::RaftService;
+pub(crate) use server::remap_oversize;
 
 /// The protobuf messages and tonic service of `proto/raftwire.proto`, for interoperating
 /// peers and for tests that speak the wire protocol directly.

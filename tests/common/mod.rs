@@ -44,16 +44,31 @@ impl Cluster {
     pub async fn voters_with(config: Config, n: u64) -> Cluster {
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
-            nodes.insert(id, KvNode::start(id, demo::raft_config(), config.clone(), loopback()).await.unwrap());
+            nodes.insert(
+                id,
+                KvNode::start(id, demo::raft_config(), config.clone(), loopback())
+                    .await
+                    .unwrap(),
+            );
         }
-        let cluster = Cluster { nodes, transport: config.transport(), config };
+        let cluster = Cluster {
+            nodes,
+            transport: config.transport(),
+            config,
+        };
         let n1 = &cluster.nodes[&1];
         demo::initialize_alone(n1).await.unwrap();
         for id in 2..=n {
-            n1.raft.add_learner(id, cluster.nodes[&id].node(), true).await.unwrap();
+            n1.raft
+                .add_learner(id, cluster.nodes[&id].node(), true)
+                .await
+                .unwrap();
         }
         if n > 1 {
-            n1.raft.change_membership((1..=n).collect::<BTreeSet<_>>(), false).await.unwrap();
+            n1.raft
+                .change_membership((1..=n).collect::<BTreeSet<_>>(), false)
+                .await
+                .unwrap();
         }
         cluster
     }
@@ -67,7 +82,10 @@ impl Cluster {
         let m = self.nodes[&on]
             .raft
             .wait(Some(Duration::from_secs(10)))
-            .metrics(|m| m.current_leader.is_some() && m.current_leader != not, "leader")
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != not,
+                "leader",
+            )
             .await
             .unwrap();
         m.current_leader.unwrap()

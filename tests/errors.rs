@@ -1,0 +1,287 @@
+//! Error surfaces over real sockets: unreachable peers, malformed and oversized requests.
+
+mod common;
+
+use std::time::Duration;
+
+use common::loopback;
+use openraft::RaftNetworkFactory;
+use openraft::errors::RPCError;
+use openraft::impls::BasicNode;
+use openraft::network::RPCOption;
+use openraft::network::RaftNetworkV2;
+use openraft::raft::VoteRequest;
+use raftwire::Config;
+use raftwire::NetworkFactory;
+use raftwire::kv::KvConfig;
+use raftwire::kv::KvSnapshotData;
+
+fn vote_request() -> VoteRequest<KvConfig> {
+    VoteRequest::new(openraft::impls::Vote::new(1, 1), None)
+}
+
+/// A port nobody listens on: bound, then released.
+async fn closed_port() -> String {
+    let l = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    addr.to_string()
+}
+
+#[tokio::test]
+async fn unreachable_peer_is_reported_as_unreachable() {
+    for transport in common::transports() {
+        let config = Config::builder()
+            .transport(transport)
+            .connect_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(1, config);
+        let mut client = factory
+            .new_client(
+                2,
+                &BasicNode {
+                    addr: closed_port().await,
+                },
+            )
+            .await;
+        let err = client
+            .vote(vote_request(), RPCOption::new(Duration::from_secs(2)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RPCError::Unreachable(_)),
+            "{transport:?}: expected Unreachable, got {err:?}"
+        );
+
+        let mut bad = factory
+            .new_client(
+                3,
+                &BasicNode {
+                    addr: "not an address".into(),
+                },
+            )
+            .await;
+        let err = bad
+            .vote(vote_request(), RPCOption::new(Duration::from_secs(2)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RPCError::Unreachable(_)),
+            "{transport:?}: expected Unreachable, got {err:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn black_holed_peer_times_out() {
+    // Accepts TCP connections but never speaks: a peer that stops answering.
+    let l = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = l.accept().await {
+            held.push(s);
+        }
+    });
+    for transport in common::transports() {
+        let config = Config::builder().transport(transport).build().unwrap();
+        let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(1, config);
+        let mut client = factory
+            .new_client(2, &BasicNode { addr: addr.clone() })
+            .await;
+        let started = std::time::Instant::now();
+        let err = client
+            .vote(vote_request(), RPCOption::new(Duration::from_millis(400)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RPCError::Timeout(_) | RPCError::Unreachable(_)),
+            "{transport:?}: expected a timeout, got {err:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{transport:?}: the deadline was not enforced"
+        );
+    }
+    hold.abort();
+}
+
+#[cfg(feature = "grpc")]
+mod grpc {
+    use raftwire::Transport;
+    use raftwire::demo;
+    use raftwire::kv::KvNode;
+    use raftwire::pb;
+    use raftwire::pb::raft_client::RaftClient;
+    use tonic::Code;
+
+    use super::common::loopback;
+
+    async fn node_and_client(
+        max_message: usize,
+    ) -> (KvNode, RaftClient<tonic::transport::Channel>) {
+        let config = raftwire::Config::builder()
+            .transport(Transport::Grpc)
+            .max_message_size(max_message)
+            .snapshot_chunk_size(max_message / 2)
+            .build()
+            .unwrap();
+        let node = KvNode::start(1, demo::raft_config(), config, loopback())
+            .await
+            .unwrap();
+        demo::initialize_alone(&node).await.unwrap();
+        let client = RaftClient::connect(format!("http://{}", node.addr()))
+            .await
+            .unwrap();
+        (node, client.max_encoding_message_size(usize::MAX))
+    }
+
+    fn vote(term: u64) -> pb::Vote {
+        pb::Vote {
+            leader_id: Some(pb::LeaderId { term, node_id: 1 }),
+            committed: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn malformed_requests_get_invalid_argument_naming_the_field() {
+        let (mut node, mut client) = node_and_client(1 << 20).await;
+
+        let err = client
+            .vote(pb::VoteRequest {
+                vote: None,
+                last_log_id: None,
+                leadership_transfer: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("`vote`"), "{}", err.message());
+
+        let entry = pb::Entry {
+            log_id: None,
+            payload: Some(pb::entry::Payload::Blank(pb::Blank {})),
+        };
+        let req = pb::AppendEntriesRequest {
+            vote: Some(vote(1)),
+            prev_log_id: None,
+            entries: vec![entry],
+            leader_commit: None,
+        };
+        let err = client.append_entries(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().contains("entries[0].log_id"),
+            "{}",
+            err.message()
+        );
+
+        // On a stream, the bad request is reported in the stream, naming its position.
+        let mut replies = client
+            .stream_append(futures::stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let err = replies.message().await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().contains("request[0].entries[0].log_id"),
+            "{}",
+            err.message()
+        );
+
+        // An app payload that its WireMessage impl refuses.
+        let bad_payload = pb::Entry {
+            log_id: Some(pb::LogId {
+                leader_id: Some(pb::LeaderId {
+                    term: 1,
+                    node_id: 1,
+                }),
+                index: 5,
+            }),
+            payload: Some(pb::entry::Payload::Normal(bytes::Bytes::from_static(&[
+                9, 9,
+            ]))),
+        };
+        let req = pb::AppendEntriesRequest {
+            vote: Some(vote(1)),
+            prev_log_id: None,
+            entries: vec![bad_payload],
+            leader_commit: None,
+        };
+        let err = client.append_entries(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.message().contains("entries[0].normal.kv_request"),
+            "{}",
+            err.message()
+        );
+
+        // A snapshot stream that does not start with a header.
+        let chunk = pb::SnapshotChunk {
+            kind: Some(pb::snapshot_chunk::Kind::Data(bytes::Bytes::from_static(
+                b"x",
+            ))),
+        };
+        let err = client
+            .install_snapshot(futures::stream::iter([chunk]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("header"), "{}", err.message());
+
+        // The server is still up and serves a well-formed request.
+        let ok = client
+            .vote(pb::VoteRequest {
+                vote: Some(vote(0)),
+                last_log_id: None,
+                leadership_transfer: false,
+            })
+            .await;
+        assert!(ok.is_ok(), "{ok:?}");
+        node.stop().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn oversized_message_gets_resource_exhausted() {
+        let (mut node, mut client) = node_and_client(64 << 10).await;
+        let entry = pb::Entry {
+            log_id: Some(pb::LogId {
+                leader_id: Some(pb::LeaderId {
+                    term: 1,
+                    node_id: 1,
+                }),
+                index: 1,
+            }),
+            payload: Some(pb::entry::Payload::Normal(bytes::Bytes::from(
+                vec![0u8; 128 << 10],
+            ))),
+        };
+        let req = pb::AppendEntriesRequest {
+            vote: Some(vote(1)),
+            prev_log_id: None,
+            entries: vec![entry],
+            leader_commit: None,
+        };
+        let err = client.append_entries(req.clone()).await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        let mut replies = client
+            .stream_append(futures::stream::iter([req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let err = replies.message().await.unwrap_err();
+        assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+        assert!(err.message().contains("request[0]"), "{}", err.message());
+        let ok = client
+            .vote(pb::VoteRequest {
+                vote: Some(vote(0)),
+                last_log_id: None,
+                leadership_transfer: false,
+            })
+            .await;
+        assert!(ok.is_ok(), "{ok:?}");
+        node.stop().await.unwrap();
+    }
+}
