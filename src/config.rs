@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::error::ConfigError;
+use crate::tls::TlsConfig;
 
 /// Which transport carries Raft traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -47,10 +48,11 @@ pub struct Config {
     pub(crate) max_in_flight_bytes: usize,
     pub(crate) snapshot_chunk_size: usize,
     pub(crate) snapshot_idle_timeout: Duration,
+    pub(crate) tls: Option<TlsConfig>,
 }
 
-impl Default for Config {
-    fn default() -> Self {
+impl Config {
+    fn defaults() -> Self {
         Config {
             transport: Transport::Grpc,
             connect_timeout: Duration::from_secs(2),
@@ -60,16 +62,22 @@ impl Default for Config {
             max_in_flight_bytes: 64 << 20,
             snapshot_chunk_size: 1 << 20,
             snapshot_idle_timeout: Duration::from_secs(10),
+            tls: None,
         }
     }
-}
 
-impl Config {
-    /// Starts a builder with the defaults.
+    /// Starts a builder with the defaults. Either [`ConfigBuilder::tls`] or the explicit
+    /// [`ConfigBuilder::insecure_plaintext`] must be called before `build`.
     pub fn builder() -> ConfigBuilder {
         ConfigBuilder {
-            config: Config::default(),
+            config: Config::defaults(),
+            plaintext: false,
         }
+    }
+
+    /// This node's TLS identity and CA, or `None` for the plaintext opt-in.
+    pub fn tls(&self) -> Option<&TlsConfig> {
+        self.tls.as_ref()
     }
 
     /// The transport this config selects.
@@ -95,6 +103,7 @@ impl Config {
 #[derive(Debug, Clone)]
 pub struct ConfigBuilder {
     config: Config,
+    plaintext: bool,
 }
 
 impl ConfigBuilder {
@@ -159,9 +168,40 @@ impl ConfigBuilder {
         self
     }
 
+    /// Mutual TLS with this node's identity and the cluster CA: required unless
+    /// [`ConfigBuilder::insecure_plaintext`] is chosen explicitly.
+    pub fn tls(mut self, tls: TlsConfig) -> Self {
+        self.config.tls = Some(tls);
+        self
+    }
+
+    /// Opts out of TLS: peers are not authenticated and traffic is readable by anyone on the
+    /// path. gRPC only (QUIC always encrypts); logged as a warning wherever it is used.
+    pub fn insecure_plaintext(mut self) -> Self {
+        self.plaintext = true;
+        self
+    }
+
     /// Validates and returns the config.
     pub fn build(self) -> Result<Config, ConfigError> {
         let c = self.config;
+        match (&c.tls, self.plaintext) {
+            (Some(_), true) => {
+                return Err(ConfigError::Invalid {
+                    field: "tls",
+                    requirement: "either a TLS identity or insecure_plaintext(), not both",
+                    value: "both".into(),
+                });
+            }
+            (None, false) => {
+                return Err(ConfigError::Invalid {
+                    field: "tls",
+                    requirement: "a TLS identity (secure by default), or an explicit insecure_plaintext()",
+                    value: "none".into(),
+                });
+            }
+            _ => {}
+        }
         let positive = |field: &'static str, value: usize| {
             if value == 0 {
                 Err(ConfigError::Invalid {
@@ -214,6 +254,7 @@ mod tests {
     #[test]
     fn zero_window_is_refused_by_name() {
         let err = Config::builder()
+            .insecure_plaintext()
             .max_in_flight_requests(0)
             .build()
             .unwrap_err();
@@ -223,6 +264,7 @@ mod tests {
     #[test]
     fn chunk_must_fit_in_a_message() {
         let err = Config::builder()
+            .insecure_plaintext()
             .max_message_size(1 << 20)
             .snapshot_chunk_size(1 << 20)
             .build()
@@ -233,17 +275,22 @@ mod tests {
     #[test]
     fn rpc_timeout_caps_soft_ttl() {
         let c = Config::builder()
+            .insecure_plaintext()
             .rpc_timeout(Duration::from_millis(10))
             .build()
             .unwrap();
+        assert_eq!(c.deadline(Duration::from_secs(1)), Duration::from_millis(10));
         assert_eq!(
-            c.deadline(Duration::from_secs(1)),
-            Duration::from_millis(10)
-        );
-        assert_eq!(
-            Config::default().deadline(Duration::from_secs(1)),
+            Config::defaults().deadline(Duration::from_secs(1)),
             Duration::from_secs(1)
         );
+    }
+
+    #[test]
+    fn tls_is_required_unless_plaintext_is_chosen() {
+        let err = Config::builder().build().unwrap_err();
+        assert!(err.to_string().contains("tls"), "{err}");
+        assert!(Config::builder().insecure_plaintext().build().is_ok());
     }
 
     #[test]

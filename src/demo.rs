@@ -17,8 +17,11 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::StreamExt;
 
+use crate::CertificateAuthority;
 use crate::Config;
+use crate::TlsConfig;
 use crate::Transport;
+use crate::Validity;
 use crate::kv::KvNode;
 use crate::kv::NodeError;
 
@@ -35,6 +38,9 @@ pub struct DemoOptions {
     pub concurrency: usize,
     /// Print each step and a progress bar (on a terminal) to stderr.
     pub verbose: bool,
+    /// Run without TLS (the explicit, logged opt-out). Default: mutual TLS with a CA the demo
+    /// generates into a temporary directory.
+    pub plaintext: bool,
 }
 
 impl Default for DemoOptions {
@@ -45,6 +51,7 @@ impl Default for DemoOptions {
             value_size: 64,
             concurrency: 64,
             verbose: false,
+            plaintext: false,
         }
     }
 }
@@ -56,6 +63,8 @@ pub struct DemoReport {
     pub ok: bool,
     /// The transport used.
     pub transport: &'static str,
+    /// `"mtls"`, or `"plaintext"` for the opt-out.
+    pub tls: &'static str,
     /// How many nodes took part.
     pub nodes: usize,
     /// Keys written (and read back).
@@ -91,10 +100,7 @@ fn check(step: &'static str, ok: bool, why: impl FnOnce() -> String) -> Result<(
     if ok {
         Ok(())
     } else {
-        Err(DemoError {
-            step,
-            reason: why(),
-        })
+        Err(DemoError { step, reason: why() })
     }
 }
 
@@ -174,9 +180,7 @@ pub async fn initialize_alone(node: &KvNode) -> Result<(), NodeError> {
     node.raft
         .wait(Some(Duration::from_secs(10)))
         .metrics(
-            |m| {
-                m.current_leader == Some(id) && m.last_applied.is_some_and(|l| l.leader_id.term > 0)
-            },
+            |m| m.current_leader == Some(id) && m.last_applied.is_some_and(|l| l.leader_id.term > 0),
             "leading with a committed entry of its own term",
         )
         .await
@@ -194,19 +198,66 @@ pub async fn await_applied(node: &KvNode, index: u64) -> Result<(), NodeError> {
         .map_err(|e| NodeError::new(format!("node {} catching up to {index}", node.id), e))
 }
 
+/// A throw-away cluster CA and node certificates, written as PEM files into a temporary
+/// directory (removed when dropped) and loaded back from there as a real node would.
+struct DemoCerts {
+    dir: tempfile::TempDir,
+}
+
+impl DemoCerts {
+    fn generate(nodes: u64) -> Result<Self, String> {
+        let dir = tempfile::tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+        let ca = CertificateAuthority::generate("raftwire demo CA").map_err(|e| e.to_string())?;
+        ca.write(dir.path()).map_err(|e| e.to_string())?;
+        for id in 1..=nodes {
+            let node = ca
+                .issue(id, &["127.0.0.1".to_string()], Validity::default())
+                .map_err(|e| e.to_string())?;
+            node.write(dir.path()).map_err(|e| e.to_string())?;
+        }
+        Ok(DemoCerts { dir })
+    }
+
+    fn load(&self, id: u64) -> Result<TlsConfig, DemoError> {
+        let d = self.dir.path();
+        TlsConfig::from_pem_files(
+            d.join("ca.pem"),
+            d.join(format!("node-{id}.pem")),
+            d.join(format!("node-{id}.key")),
+        )
+        .map_err(|e| DemoError {
+            step: "certificates",
+            reason: e.to_string(),
+        })
+    }
+}
+
 /// Runs the demo; every step checks its outcome and a failure names the step.
 pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     let started = Instant::now();
     let say = Narrator {
         verbose: opts.verbose,
     };
-    let net = Config::builder()
-        .transport(opts.transport)
-        .build()
-        .map_err(|e| DemoError {
+    let certs = if opts.plaintext {
+        None
+    } else {
+        say.step("generating a cluster CA and node certificates in a temporary directory");
+        Some(DemoCerts::generate(4).map_err(|reason| DemoError {
+            step: "certificates",
+            reason,
+        })?)
+    };
+    let net = |id: u64| -> Result<Config, DemoError> {
+        let builder = Config::builder().transport(opts.transport);
+        let builder = match &certs {
+            Some(certs) => builder.tls(certs.load(id)?),
+            None => builder.insecure_plaintext(),
+        };
+        builder.build().map_err(|e| DemoError {
             step: "config",
             reason: e.to_string(),
-        })?;
+        })
+    };
     let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
     let raft_config = raft_config();
 
@@ -217,7 +268,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     let mut nodes = Vec::new();
     for id in 1..=3 {
         nodes.push(Some(
-            KvNode::start(id, raft_config.clone(), net.clone(), loopback)
+            KvNode::start(id, raft_config.clone(), net(id)?, loopback)
                 .await
                 .map_err(fail("start nodes"))?,
         ));
@@ -295,20 +346,13 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         .map_err(fail("restart node 1"))?;
     nodes[0] = Some(restarted);
 
-    say.step(format!(
-        "node {new_leader} builds a snapshot and purges its log"
-    ));
+    say.step(format!("node {new_leader} builds a snapshot and purges its log"));
     let leader = node(&nodes, new_leader)?;
     let applied = leader.sm.last_applied().map_or(0, |l| l.index);
-    leader
-        .raft
-        .trigger()
-        .snapshot()
-        .await
-        .map_err(|e| DemoError {
-            step: "snapshot",
-            reason: e.to_string(),
-        })?;
+    leader.raft.trigger().snapshot().await.map_err(|e| DemoError {
+        step: "snapshot",
+        reason: e.to_string(),
+    })?;
     leader
         .raft
         .wait(Some(Duration::from_secs(10)))
@@ -333,10 +377,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     leader
         .raft
         .wait(Some(Duration::from_secs(10)))
-        .metrics(
-            |m| m.purged.is_some_and(|p| p.index >= applied),
-            "log purged",
-        )
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= applied), "log purged")
         .await
         .map_err(|e| DemoError {
             step: "purge",
@@ -344,7 +385,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         })?;
 
     say.step("adding node 4, which must catch up through the snapshot");
-    let n4 = KvNode::start(4, raft_config.clone(), net.clone(), loopback)
+    let n4 = KvNode::start(4, raft_config.clone(), net(4)?, loopback)
         .await
         .map_err(fail("add node 4"))?;
     leader
@@ -355,9 +396,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
             step: "add node 4",
             reason: e.to_string(),
         })?;
-    await_applied(&n4, applied)
-        .await
-        .map_err(fail("add node 4"))?;
+    await_applied(&n4, applied).await.map_err(fail("add node 4"))?;
     let snapshot_installed = n4.sm.snapshots_installed() > 0;
     check("add node 4", snapshot_installed, || {
         "node 4 caught up without a snapshot".into()
@@ -378,6 +417,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     Ok(DemoReport {
         ok: true,
         transport: opts.transport.name(),
+        tls: if opts.plaintext { "plaintext" } else { "mtls" },
         nodes: count,
         writes: opts.writes,
         writes_per_sec: (writes_per_sec * 10.0).round() / 10.0,

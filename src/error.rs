@@ -154,11 +154,7 @@ impl TransportError {
     }
 
     /// The same mapping for snapshot transfers.
-    pub(crate) fn into_streaming<C: RaftWireConfig>(
-        self,
-        local: u64,
-        target: u64,
-    ) -> StreamingError<C> {
+    pub(crate) fn into_streaming<C: RaftWireConfig>(self, local: u64, target: u64) -> StreamingError<C> {
         match self.into_rpc::<C>(local, target) {
             RPCError::Unreachable(e) => StreamingError::Unreachable(e),
             RPCError::Timeout(e) => StreamingError::Timeout(e),

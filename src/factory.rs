@@ -56,10 +56,10 @@ enum Lane {
 }
 
 impl Lane {
-    fn new(transport: Transport, addr: &str, config: &Config, stats: Stats) -> Self {
-        match transport {
+    fn new(addr: &str, target: u64, config: &Config, stats: Stats) -> Self {
+        match config.transport {
             #[cfg(feature = "grpc")]
-            Transport::Grpc => Lane::Grpc(Arc::new(grpc::Lane::new(addr, config, stats))),
+            Transport::Grpc => Lane::Grpc(Arc::new(grpc::Lane::new(addr, target, config, stats))),
         }
     }
 }
@@ -105,6 +105,12 @@ where
 {
     /// A factory for the node `local_id` (used in timeout reports).
     pub fn new(local_id: u64, config: Config) -> Self {
+        if config.tls.is_none() {
+            tracing::warn!(
+                node = local_id,
+                "raftwire client runs PLAINTEXT: peers are not authenticated, traffic is not encrypted"
+            );
+        }
         NetworkFactory {
             local_id,
             config: Arc::new(config),
@@ -136,14 +142,7 @@ where
         let lane = peer
             .lanes
             .entry(purpose)
-            .or_insert_with(|| {
-                Lane::new(
-                    self.config.transport,
-                    addr,
-                    &self.config,
-                    self.stats.clone(),
-                )
-            })
+            .or_insert_with(|| Lane::new(addr, target, &self.config, self.stats.clone()))
             .clone();
         Network {
             local_id: self.local_id,
@@ -226,11 +225,7 @@ where
         })
     }
 
-    async fn vote(
-        &mut self,
-        rpc: VoteRequest<C>,
-        option: RPCOption,
-    ) -> Result<VoteResponse<C>, RPCError<C>> {
+    async fn vote(&mut self, rpc: VoteRequest<C>, option: RPCOption) -> Result<VoteResponse<C>, RPCError<C>> {
         self.vote_or_pre_vote(rpc, option, false).await
     }
 
@@ -259,14 +254,8 @@ where
             match &self.lane {
                 #[cfg(feature = "grpc")]
                 Lane::Grpc(lane) => {
-                    lane.send_snapshot::<C, SD>(
-                        &vote,
-                        &snapshot.meta,
-                        snapshot.snapshot,
-                        chunk,
-                        idle,
-                    )
-                    .await
+                    lane.send_snapshot::<C, SD>(&vote, &snapshot.meta, snapshot.snapshot, chunk, idle)
+                        .await
                 }
             }
         };

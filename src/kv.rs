@@ -96,8 +96,7 @@ impl WireMessage for KvRequest {
             KvRequest::Set { key, value } => (TAG_SET, key, Some(value)),
             KvRequest::Delete { key } => (TAG_DELETE, key, None),
         };
-        let key_len =
-            u32::try_from(key.len()).map_err(|_| EncodeError("key longer than 4 GiB".into()))?;
+        let key_len = u32::try_from(key.len()).map_err(|_| EncodeError("key longer than 4 GiB".into()))?;
         let mut buf = BytesMut::with_capacity(5 + key.len() + value.map_or(0, |v| v.len()));
         buf.put_u8(tag);
         buf.put_u32(key_len);
@@ -123,8 +122,7 @@ impl WireMessage for KvRequest {
                 format!("length {key_len} exceeds the {} bytes left", bytes.len()),
             ));
         }
-        let key =
-            String::decode(bytes.split_to(key_len)).map_err(|e| e.within("kv_request.key"))?;
+        let key = String::decode(bytes.split_to(key_len)).map_err(|e| e.within("kv_request.key"))?;
         match tag {
             TAG_SET => Ok(KvRequest::Set { key, value: bytes }),
             TAG_DELETE if bytes.is_empty() => Ok(KvRequest::Delete { key }),
@@ -205,12 +203,7 @@ impl RaftLogReader<KvConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<KvEntry>, io::Error> {
-        Ok(self
-            .data()
-            .log
-            .range(range)
-            .map(|(_, e)| e.clone())
-            .collect())
+        Ok(self.data().log.range(range).map(|(_, e)| e.clone()).collect())
     }
 
     async fn read_vote(&mut self) -> Result<Option<KvVote>, io::Error> {
@@ -223,11 +216,7 @@ impl RaftLogStorage<KvConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<KvConfig>, io::Error> {
         let d = self.data();
-        let last = d
-            .log
-            .last_key_value()
-            .map(|(_, e)| e.log_id)
-            .or(d.last_purged);
+        let last = d.log.last_key_value().map(|(_, e)| e.log_id).or(d.last_purged);
         Ok(LogState {
             last_purged_log_id: d.last_purged,
             last_log_id: last,
@@ -252,11 +241,7 @@ impl RaftLogStorage<KvConfig> for LogStore {
         Ok(self.data().committed)
     }
 
-    async fn append<I>(
-        &mut self,
-        entries: I,
-        callback: IOFlushed<KvConfig>,
-    ) -> Result<(), io::Error>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<KvConfig>) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = KvEntry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -346,12 +331,7 @@ fn encode_snapshot(kv: &BTreeMap<String, Bytes>) -> Bytes {
 }
 
 fn decode_snapshot(mut buf: Bytes) -> Result<BTreeMap<String, Bytes>, io::Error> {
-    let bad = |what: &str| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("snapshot is corrupt: {what}"),
-        )
-    };
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot is corrupt: {what}"));
     let mut kv = BTreeMap::new();
     while buf.has_remaining() {
         let take = |buf: &mut Bytes, what: &str| -> Result<Bytes, io::Error> {
@@ -535,16 +515,7 @@ impl KvNode {
         sink: impl SnapshotSink<KvSnapshotData>,
     ) -> Result<KvNode, NodeError> {
         let (log, sm) = (LogStore::default(), StateMachine::default());
-        Self::start_inner(
-            id,
-            raft_config,
-            net_config,
-            addr,
-            log,
-            sm,
-            Some(Arc::new(sink)),
-        )
-        .await
+        Self::start_inner(id, raft_config, net_config, addr, log, sm, Some(Arc::new(sink))).await
     }
 
     async fn start_inner(
@@ -557,16 +528,10 @@ impl KvNode {
         sink: Option<Arc<dyn SnapshotSink<KvSnapshotData>>>,
     ) -> Result<KvNode, NodeError> {
         let network = NetworkFactory::new(id, net_config.clone());
-        let raft = openraft::Raft::new(
-            id,
-            raft_config.clone(),
-            network.clone(),
-            log.clone(),
-            sm.clone(),
-        )
-        .await
-        .map_err(|e| NodeError::new(format!("start raft on node {id}"), e))?;
-        let mut builder = Server::builder(raft.clone()).config(net_config.clone());
+        let raft = openraft::Raft::new(id, raft_config.clone(), network.clone(), log.clone(), sm.clone())
+            .await
+            .map_err(|e| NodeError::new(format!("start raft on node {id}"), e))?;
+        let mut builder = Server::builder(raft.clone(), net_config.clone());
         if let Some(sink) = sink.clone() {
             builder = builder.snapshot_sink(move || sink.create());
         }

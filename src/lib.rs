@@ -50,6 +50,7 @@
 //! by the tests), `demo` (the `raftwire demo` run).
 #![warn(missing_docs)]
 
+mod certs;
 mod config;
 mod error;
 mod factory;
@@ -57,15 +58,24 @@ mod pipeline;
 mod server;
 mod snapshot;
 mod stats;
+mod tls;
 mod types;
 mod wire;
 
+#[cfg(feature = "quic")]
+mod codec;
 #[cfg(feature = "grpc")]
 mod grpc;
 
 pub mod demo;
 pub mod kv;
 
+pub use certs::CertError;
+pub use certs::CertificateAuthority;
+pub use certs::CertificateInfo;
+pub use certs::NodeCertificate;
+pub use certs::Validity;
+pub use certs::inspect as inspect_certificate;
 pub use config::Config;
 pub use config::ConfigBuilder;
 pub use config::Transport;
@@ -84,6 +94,9 @@ pub use snapshot::SinkFuture;
 pub use snapshot::SnapshotData;
 pub use snapshot::SnapshotSink;
 pub use stats::NetworkStats;
+pub use tls::TlsConfig;
+pub use tls::TlsError;
+pub use tls::node_dns_name;
 pub use types::PeerAddr;
 pub use types::RaftWireConfig;
 pub use types::WireLeaderId;

@@ -40,6 +40,9 @@ enum Command {
         /// Print one JSON line instead of the narration.
         #[arg(long)]
         json: bool,
+        /// Run without TLS (insecure; logged). Default: mutual TLS with a generated CA.
+        #[arg(long)]
+        insecure_plaintext: bool,
     },
 }
 
@@ -48,14 +51,11 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("RAFTWIRE_LOG")
-                .unwrap_or_else(|_| "error".into()),
+                .unwrap_or_else(|_| "warn,openraft=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the tokio runtime: {e}");
@@ -69,6 +69,7 @@ fn main() -> ExitCode {
             value_size,
             concurrency,
             json,
+            insecure_plaintext,
         } => {
             let opts = demo::DemoOptions {
                 transport,
@@ -76,6 +77,7 @@ fn main() -> ExitCode {
                 value_size,
                 concurrency,
                 verbose: !json,
+                plaintext: insecure_plaintext,
             };
             match runtime.block_on(demo::run(opts)) {
                 Ok(report) => {
@@ -87,6 +89,7 @@ fn main() -> ExitCode {
                         );
                     } else {
                         println!("demo complete over {}:", report.transport);
+                        println!("  security            {}", report.tls);
                         println!("  nodes               {}", report.nodes);
                         println!(
                             "  writes              {} ({:.0} writes/s)",
@@ -100,8 +103,7 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     if json {
-                        let line =
-                            serde_json::json!({"ok": false, "step": e.step, "error": e.reason});
+                        let line = serde_json::json!({"ok": false, "step": e.step, "error": e.reason});
                         println!("{line}");
                     } else {
                         eprintln!("error: {e}");

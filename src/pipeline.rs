@@ -65,8 +65,7 @@ where
     fn may_send(&self) -> bool {
         !self.input_done
             && (self.in_flight.is_empty()
-                || (self.in_flight.len() < self.window.requests
-                    && self.in_flight_bytes < self.window.bytes))
+                || (self.in_flight.len() < self.window.requests && self.in_flight_bytes < self.window.bytes))
     }
 
     /// The next output item; `None` ends the stream.
@@ -114,10 +113,7 @@ where
         let reply = reply.unwrap_or_else(|| {
             Err(TransportError::Broken {
                 rpc: RPCTypes::AppendEntries,
-                reason: format!(
-                    "stream ended with {} requests unanswered",
-                    self.in_flight.len()
-                ),
+                reason: format!("stream ended with {} requests unanswered", self.in_flight.len()),
             })
         })?;
         if let Some(size) = self.in_flight.pop_front() {

@@ -37,9 +37,10 @@ pub struct ServerBuilder<C: RaftWireConfig, SM: RaftStateMachine<C>> {
 }
 
 impl Server {
-    /// Starts configuring a server for `raft`. Incoming snapshots are received into
+    /// Starts configuring a server for `raft` with the same [`Config`] as the node's
+    /// [`NetworkFactory`](crate::NetworkFactory). Incoming snapshots are received into
     /// `SnapshotData::default()`; see [`ServerBuilder::snapshot_sink`] for other data types.
-    pub fn builder<C, SM>(raft: Raft<C, SM>) -> ServerBuilder<C, SM>
+    pub fn builder<C, SM>(raft: Raft<C, SM>, config: Config) -> ServerBuilder<C, SM>
     where
         C: RaftWireConfig,
         SM: RaftStateMachine<C>,
@@ -48,7 +49,7 @@ impl Server {
         let sink = || async { Ok(SM::SnapshotData::default()) };
         ServerBuilder {
             raft,
-            config: Config::default(),
+            config,
             sink: Arc::new(sink),
         }
     }
@@ -88,12 +89,6 @@ where
     SM: RaftStateMachine<C>,
     SM::SnapshotData: SnapshotData,
 {
-    /// The transport and limits to serve with; use the same config as the factory.
-    pub fn config(mut self, config: Config) -> Self {
-        self.config = config;
-        self
-    }
-
     /// Where incoming snapshots are written: called once per received snapshot.
     pub fn snapshot_sink(mut self, sink: impl SnapshotSink<SM::SnapshotData>) -> Self {
         self.sink = Arc::new(sink);
@@ -102,23 +97,26 @@ where
 
     /// Binds `addr` (port 0 picks a free port) and starts serving in a background task.
     pub async fn bind(self, addr: SocketAddr) -> Result<Server, ServerError> {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: addr.to_string(),
-                source,
-            })?;
-        let local_addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        let bind_err = |source| ServerError::Bind {
             addr: addr.to_string(),
             source,
-        })?;
+        };
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind_err)?;
+        let local_addr = listener.local_addr().map_err(bind_err)?;
         let (tx, rx) = oneshot::channel::<()>();
         let transport = self.config.transport;
-        let task = match self.config.transport {
+        if self.config.tls.is_none() {
+            tracing::warn!(%local_addr, "raftwire server runs PLAINTEXT: callers are not authenticated, traffic is not encrypted");
+        }
+        let task = match transport {
             #[cfg(feature = "grpc")]
-            Transport::Grpc => {
-                tokio::spawn(serve_grpc(self.raft, self.sink, self.config, listener, rx))
-            }
+            Transport::Grpc => tokio::spawn(crate::grpc::serve(
+                self.raft,
+                self.sink,
+                self.config,
+                listener,
+                rx,
+            )),
         };
         tracing::info!(%local_addr, transport = transport.name(), "raftwire server listening");
         Ok(Server {
@@ -127,39 +125,4 @@ where
             task,
         })
     }
-}
-
-#[cfg(feature = "grpc")]
-async fn serve_grpc<C, SM>(
-    raft: Raft<C, SM>,
-    sink: Arc<dyn SnapshotSink<SM::SnapshotData>>,
-    config: Config,
-    listener: tokio::net::TcpListener,
-    shutdown: oneshot::Receiver<()>,
-) -> Result<(), ServerError>
-where
-    C: RaftWireConfig,
-    SM: RaftStateMachine<C>,
-    SM::SnapshotData: SnapshotData,
-{
-    use crate::grpc::pb::raft_server::RaftServer;
-    let service = RaftServer::new(crate::grpc::RaftService::new(raft, sink))
-        .max_decoding_message_size(config.max_message_size)
-        .max_encoding_message_size(config.max_message_size);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20))
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .layer(tower::util::MapResponseLayer::new(
-            crate::grpc::remap_oversize,
-        ))
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = shutdown.await;
-        })
-        .await
-        .map_err(|e| ServerError::Serve(e.to_string()))
 }

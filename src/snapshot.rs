@@ -15,10 +15,7 @@ use tokio::io::AsyncWrite;
 /// bounded however large the snapshot) and `std::io::Cursor<Vec<u8>>` among them.
 pub trait SnapshotData: AsyncRead + AsyncWrite + AsyncSeek + Unpin + Send + Sync + 'static {}
 
-impl<T> SnapshotData for T where
-    T: AsyncRead + AsyncWrite + AsyncSeek + Unpin + Send + Sync + 'static
-{
-}
+impl<T> SnapshotData for T where T: AsyncRead + AsyncWrite + AsyncSeek + Unpin + Send + Sync + 'static {}
 
 /// Future returned by a [`SnapshotSink`].
 pub type SinkFuture<SD> = Pin<Box<dyn Future<Output = io::Result<SD>> + Send>>;

@@ -44,9 +44,7 @@ impl Stats {
     }
 
     pub(crate) fn record_snapshot_bytes(&self, n: usize) {
-        self.0
-            .snapshot_bytes_sent
-            .fetch_add(n as u64, Ordering::Relaxed);
+        self.0.snapshot_bytes_sent.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     pub(crate) fn record_snapshot_sent(&self) {

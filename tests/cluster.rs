@@ -12,7 +12,6 @@ use bytes::Bytes;
 use common::Cluster;
 use common::loopback;
 use futures::StreamExt;
-use raftwire::Config;
 use raftwire::Transport;
 use raftwire::demo;
 use raftwire::kv::KvNode;
@@ -45,11 +44,7 @@ fn applied(node: &KvNode) -> u64 {
 async fn election(transport: Transport) {
     let c = Cluster::voters(transport, 3).await;
     for id in 1..=3 {
-        assert_eq!(
-            c.await_leader(id, None).await,
-            1,
-            "node {id} sees node 1 lead"
-        );
+        assert_eq!(c.await_leader(id, None).await, 1, "node {id} sees node 1 lead");
     }
     let m = c.node(1).metrics();
     assert_eq!(
@@ -135,22 +130,14 @@ async fn snapshot_and_purge(c: &Cluster, n: u64, size: usize) -> u64 {
 
 async fn snapshot_in_chunks_reaches_learner_after_purge(transport: Transport) {
     let chunk = 64 << 10;
-    let config = Config::builder()
-        .transport(transport)
-        .snapshot_chunk_size(chunk)
-        .build()
-        .unwrap();
-    let mut c = Cluster::voters_with(config.clone(), 3).await;
+    let net = common::Net::with(transport, move |b| b.snapshot_chunk_size(chunk));
+    let mut c = Cluster::voters_with(net, 3).await;
     let upto = snapshot_and_purge(&c, 200, 16 << 10).await;
-    let n4 = KvNode::start(4, demo::raft_config(), config, loopback())
+    let n4 = KvNode::start(4, demo::raft_config(), c.net.config(4), loopback())
         .await
         .unwrap();
     let leader = c.await_leader(1, None).await;
-    c.node(leader)
-        .raft
-        .add_learner(4, n4.node(), true)
-        .await
-        .unwrap();
+    c.node(leader).raft.add_learner(4, n4.node(), true).await.unwrap();
     demo::await_applied(&n4, upto).await.unwrap();
     assert_eq!(
         n4.sm.snapshots_installed(),
@@ -231,9 +218,8 @@ async fn restarted_follower_reconnects(transport: Transport) {
 /// meanwhile (they travel on their own connection), and nobody starts an election.
 async fn heartbeats_flow_while_snapshot_streams(transport: Transport) {
     let slow = Arc::new(AtomicBool::new(false));
-    let config = common::net_config(transport);
-    let raft_config = demo::raft_config();
     let mut c = Cluster::voters(transport, 2).await;
+    let (config, raft_config) = (c.net.config(3), demo::raft_config());
     let sink_slow = slow.clone();
     let sink = move || {
         let slow = sink_slow.load(Ordering::SeqCst);
@@ -247,11 +233,7 @@ async fn heartbeats_flow_while_snapshot_streams(transport: Transport) {
     let n3 = KvNode::start_with_sink(3, raft_config, config, loopback(), sink)
         .await
         .unwrap();
-    c.node(1)
-        .raft
-        .add_learner(3, n3.node(), true)
-        .await
-        .unwrap();
+    c.node(1).raft.add_learner(3, n3.node(), true).await.unwrap();
     c.node(1)
         .raft
         .change_membership(BTreeSet::from([1, 2, 3]), false)
@@ -286,10 +268,7 @@ async fn heartbeats_flow_while_snapshot_streams(transport: Transport) {
         acks.len()
     );
     let m = c.node(1).metrics();
-    assert_eq!(
-        m.current_term, term,
-        "an election happened during the snapshot"
-    );
+    assert_eq!(m.current_term, term, "an election happened during the snapshot");
     assert_eq!(m.current_leader, Some(1));
     c.nodes.insert(3, n3);
     c.shutdown().await;

@@ -11,7 +11,6 @@ use openraft::impls::BasicNode;
 use openraft::network::RPCOption;
 use openraft::network::RaftNetworkV2;
 use openraft::raft::VoteRequest;
-use raftwire::Config;
 use raftwire::NetworkFactory;
 use raftwire::kv::KvConfig;
 use raftwire::kv::KvSnapshotData;
@@ -31,11 +30,8 @@ async fn closed_port() -> String {
 #[tokio::test]
 async fn unreachable_peer_is_reported_as_unreachable() {
     for transport in common::transports() {
-        let config = Config::builder()
-            .transport(transport)
-            .connect_timeout(Duration::from_millis(500))
-            .build()
-            .unwrap();
+        let config =
+            common::Net::with(transport, |b| b.connect_timeout(Duration::from_millis(500))).config(1);
         let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(1, config);
         let mut client = factory
             .new_client(
@@ -85,11 +81,9 @@ async fn black_holed_peer_times_out() {
         }
     });
     for transport in common::transports() {
-        let config = Config::builder().transport(transport).build().unwrap();
+        let config = common::Net::new(transport).config(1);
         let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(1, config);
-        let mut client = factory
-            .new_client(2, &BasicNode { addr: addr.clone() })
-            .await;
+        let mut client = factory.new_client(2, &BasicNode { addr: addr.clone() }).await;
         let started = std::time::Instant::now();
         let err = client
             .vote(vote_request(), RPCOption::new(Duration::from_millis(400)))
@@ -118,11 +112,11 @@ mod grpc {
 
     use super::common::loopback;
 
-    async fn node_and_client(
-        max_message: usize,
-    ) -> (KvNode, RaftClient<tonic::transport::Channel>) {
+    async fn node_and_client(max_message: usize) -> (KvNode, RaftClient<tonic::transport::Channel>) {
+        // The wire-level client below speaks plaintext gRPC: the explicit opt-in.
         let config = raftwire::Config::builder()
             .transport(Transport::Grpc)
+            .insecure_plaintext()
             .max_message_size(max_message)
             .snapshot_chunk_size(max_message / 2)
             .build()
@@ -171,11 +165,7 @@ mod grpc {
         };
         let err = client.append_entries(req.clone()).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
-        assert!(
-            err.message().contains("entries[0].log_id"),
-            "{}",
-            err.message()
-        );
+        assert!(err.message().contains("entries[0].log_id"), "{}", err.message());
 
         // On a stream, the bad request is reported in the stream, naming its position.
         let mut replies = client
@@ -194,15 +184,10 @@ mod grpc {
         // An app payload that its WireMessage impl refuses.
         let bad_payload = pb::Entry {
             log_id: Some(pb::LogId {
-                leader_id: Some(pb::LeaderId {
-                    term: 1,
-                    node_id: 1,
-                }),
+                leader_id: Some(pb::LeaderId { term: 1, node_id: 1 }),
                 index: 5,
             }),
-            payload: Some(pb::entry::Payload::Normal(bytes::Bytes::from_static(&[
-                9, 9,
-            ]))),
+            payload: Some(pb::entry::Payload::Normal(bytes::Bytes::from_static(&[9, 9]))),
         };
         let req = pb::AppendEntriesRequest {
             vote: Some(vote(1)),
@@ -220,9 +205,7 @@ mod grpc {
 
         // A snapshot stream that does not start with a header.
         let chunk = pb::SnapshotChunk {
-            kind: Some(pb::snapshot_chunk::Kind::Data(bytes::Bytes::from_static(
-                b"x",
-            ))),
+            kind: Some(pb::snapshot_chunk::Kind::Data(bytes::Bytes::from_static(b"x"))),
         };
         let err = client
             .install_snapshot(futures::stream::iter([chunk]))
@@ -248,15 +231,13 @@ mod grpc {
         let (mut node, mut client) = node_and_client(64 << 10).await;
         let entry = pb::Entry {
             log_id: Some(pb::LogId {
-                leader_id: Some(pb::LeaderId {
-                    term: 1,
-                    node_id: 1,
-                }),
+                leader_id: Some(pb::LeaderId { term: 1, node_id: 1 }),
                 index: 1,
             }),
-            payload: Some(pb::entry::Payload::Normal(bytes::Bytes::from(
-                vec![0u8; 128 << 10],
-            ))),
+            payload: Some(pb::entry::Payload::Normal(bytes::Bytes::from(vec![
+                0u8;
+                128 << 10
+            ]))),
         };
         let req = pb::AppendEntriesRequest {
             vote: Some(vote(1)),

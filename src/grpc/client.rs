@@ -1,5 +1,6 @@
 //! The gRPC client side: one lane (one HTTP/2 connection) per peer and purpose.
 
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -37,20 +38,30 @@ use crate::pipeline;
 use crate::pipeline::RequestSink;
 use crate::snapshot::SnapshotData;
 use crate::stats::Stats;
+use crate::tls;
 use crate::types::RaftWireConfig;
 
 /// One HTTP/2 connection to a peer, made on first use and made again after a failure.
 pub(crate) struct Lane {
     addr: String,
     endpoint: Result<Endpoint, String>,
+    tls: Option<tokio_rustls::TlsConnector>,
+    target: u64,
     channel: Mutex<Option<Channel>>,
     max_message_size: usize,
     stats: Stats,
 }
 
 impl Lane {
-    /// Never fails and never connects: a bad address surfaces as `Connect` on first use.
-    pub(crate) fn new(addr: &str, config: &Config, stats: Stats) -> Self {
+    /// Never fails and never connects: a bad address or TLS setup surfaces as `Connect` on
+    /// first use.
+    pub(crate) fn new(addr: &str, target: u64, config: &Config, stats: Stats) -> Self {
+        let tls = config.tls.as_ref().map(|t| t.client_config(target, b"h2"));
+        let (tls, tls_error) = match tls {
+            Some(Ok(c)) => (Some(tokio_rustls::TlsConnector::from(Arc::new(c))), None),
+            Some(Err(e)) => (None, Some(format!("TLS setup failed: {e}"))),
+            None => (None, None),
+        };
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
             .map(|e| {
                 e.connect_timeout(config.connect_timeout)
@@ -63,34 +74,51 @@ impl Lane {
                     .keep_alive_timeout(Duration::from_secs(20))
                     .keep_alive_while_idle(true)
             })
-            .map_err(|e| format!("invalid address `{addr}`: {e}"));
+            .map_err(|e| format!("invalid address `{addr}`: {e}"))
+            .and_then(|e| match tls_error {
+                Some(reason) => Err(reason),
+                None => Ok(e),
+            });
         Lane {
             addr: addr.to_string(),
             endpoint,
+            tls,
+            target,
             channel: Mutex::new(None),
             max_message_size: config.max_message_size,
             stats,
         }
     }
 
+    async fn connect(&self, endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {
+        let Some(connector) = self.tls.clone() else {
+            return endpoint.connect().await;
+        };
+        let addr = self.addr.clone();
+        let name = tls::server_name(self.target);
+        let dial = tower::service_fn(move |_: http::Uri| {
+            let (connector, addr, name) = (connector.clone(), addr.clone(), name.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                tcp.set_nodelay(true)?;
+                let stream = connector.connect(name, tcp).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        });
+        endpoint.connect_with_connector(dial).await
+    }
+
     async fn client(&self) -> Result<RaftClient<Channel>, TransportError> {
-        let cached = self
-            .channel
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let cached = self.channel.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let channel = match cached {
             Some(c) => c,
             None => {
-                let endpoint =
-                    self.endpoint
-                        .as_ref()
-                        .map_err(|reason| TransportError::Connect {
-                            addr: self.addr.clone(),
-                            reason: reason.clone(),
-                        })?;
-                let channel = endpoint
-                    .connect()
+                let endpoint = self.endpoint.as_ref().map_err(|reason| TransportError::Connect {
+                    addr: self.addr.clone(),
+                    reason: reason.clone(),
+                })?;
+                let channel = self
+                    .connect(endpoint)
                     .await
                     .map_err(|e| TransportError::Connect {
                         addr: self.addr.clone(),
@@ -111,10 +139,7 @@ impl Lane {
     fn failed(&self, rpc: RPCTypes, status: Status) -> TransportError {
         let err = status_to_error(rpc, status);
         if matches!(err, TransportError::Broken { .. }) {
-            self.channel
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take();
+            self.channel.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
         err
     }
@@ -138,10 +163,7 @@ impl Lane {
         };
         tokio::time::timeout(deadline, work)
             .await
-            .map_err(|_| TransportError::Timeout {
-                rpc,
-                after: deadline,
-            })?
+            .map_err(|_| TransportError::Timeout { rpc, after: deadline })?
     }
 
     pub(crate) async fn vote<C: RaftWireConfig>(
@@ -206,10 +228,7 @@ impl Lane {
         input: S,
         config: &Config,
         deadline: Duration,
-    ) -> Result<
-        impl Stream<Item = Result<StreamAppendResult<C>, TransportError>> + Send + 's,
-        TransportError,
-    >
+    ) -> Result<impl Stream<Item = Result<StreamAppendResult<C>, TransportError>> + Send + 's, TransportError>
     where
         C: RaftWireConfig,
         S: Stream<Item = AppendEntriesRequest<C>> + Send + Unpin + 'static,
@@ -226,14 +245,12 @@ impl Lane {
         };
         let replies = tokio::time::timeout(deadline, open)
             .await
-            .map_err(|_| TransportError::Timeout {
-                rpc,
-                after: deadline,
-            })??
+            .map_err(|_| TransportError::Timeout { rpc, after: deadline })??
             .into_inner();
         let replies = replies.map(move |r| match r {
-            Ok(reply) => convert::stream_reply_from_pb(reply)
-                .map_err(|source| TransportError::Decode { rpc, source }),
+            Ok(reply) => {
+                convert::stream_reply_from_pb(reply).map_err(|source| TransportError::Decode { rpc, source })
+            }
             Err(status) => Err(self.failed(rpc, status)),
         });
         let window = pipeline::Window {
@@ -331,8 +348,7 @@ impl Lane {
         .map_err(|s| self.failed(rpc, s))?
         .into_inner();
         self.stats.record_snapshot_sent();
-        convert::snapshot_response_from_pb(resp)
-            .map_err(|source| TransportError::Decode { rpc, source })
+        convert::snapshot_response_from_pb(resp).map_err(|source| TransportError::Decode { rpc, source })
     }
 }
 

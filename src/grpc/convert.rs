@@ -61,10 +61,7 @@ pub(crate) fn vote_to_pb(v: &Vote<WireLeaderId>) -> pb::Vote {
     }
 }
 
-pub(crate) fn vote_from_pb(
-    v: Option<pb::Vote>,
-    field: &str,
-) -> Result<Vote<WireLeaderId>, DecodeError> {
+pub(crate) fn vote_from_pb(v: Option<pb::Vote>, field: &str) -> Result<Vote<WireLeaderId>, DecodeError> {
     let v = required(v, field)?;
     let leader_id = required(v.leader_id, "leader_id").map_err(|e| e.within(field))?;
     Ok(Vote {
@@ -121,10 +118,7 @@ fn membership_to_pb<N: WireMessage + openraft::Node>(
     Ok(pb::Membership { configs, nodes })
 }
 
-fn membership_from_pb<N>(
-    m: Option<pb::Membership>,
-    field: &str,
-) -> Result<Membership<u64, N>, DecodeError>
+fn membership_from_pb<N>(m: Option<pb::Membership>, field: &str) -> Result<Membership<u64, N>, DecodeError>
 where
     N: WireMessage + openraft::Node,
 {
@@ -222,11 +216,7 @@ pub(crate) fn append_request_to_pb<C: RaftWireConfig>(
     Ok(pb::AppendEntriesRequest {
         vote: Some(vote_to_pb(&r.vote)),
         prev_log_id: opt_log_id_to_pb(&r.prev_log_id),
-        entries: r
-            .entries
-            .iter()
-            .map(entry_to_pb::<C>)
-            .collect::<Result<_, _>>()?,
+        entries: r.entries.iter().map(entry_to_pb::<C>).collect::<Result<_, _>>()?,
         leader_commit: opt_log_id_to_pb(&r.leader_commit),
     })
 }
@@ -258,9 +248,7 @@ pub(crate) fn append_response_to_pb<C: RaftWireConfig>(
         AppendEntriesResponse::Conflict => R::Conflict(pb::Blank {}),
         AppendEntriesResponse::HigherVote(v) => R::HigherVote(vote_to_pb(v)),
     };
-    pb::AppendEntriesResponse {
-        result: Some(result),
-    }
+    pb::AppendEntriesResponse { result: Some(result) }
 }
 
 pub(crate) fn append_response_from_pb<C: RaftWireConfig>(
@@ -269,20 +257,15 @@ pub(crate) fn append_response_from_pb<C: RaftWireConfig>(
     use pb::append_entries_response::Result as R;
     Ok(match required(r.result, "result")? {
         R::Success(_) => AppendEntriesResponse::Success,
-        R::PartialSuccess(m) => AppendEntriesResponse::PartialSuccess(opt_log_id_from_pb(
-            m.log_id,
-            "partial_success.log_id",
-        )?),
-        R::Conflict(_) => AppendEntriesResponse::Conflict,
-        R::HigherVote(v) => {
-            AppendEntriesResponse::HigherVote(vote_from_pb(Some(v), "higher_vote")?)
+        R::PartialSuccess(m) => {
+            AppendEntriesResponse::PartialSuccess(opt_log_id_from_pb(m.log_id, "partial_success.log_id")?)
         }
+        R::Conflict(_) => AppendEntriesResponse::Conflict,
+        R::HigherVote(v) => AppendEntriesResponse::HigherVote(vote_from_pb(Some(v), "higher_vote")?),
     })
 }
 
-pub(crate) fn stream_reply_to_pb<C: RaftWireConfig>(
-    r: &StreamAppendResult<C>,
-) -> pb::StreamAppendReply {
+pub(crate) fn stream_reply_to_pb<C: RaftWireConfig>(r: &StreamAppendResult<C>) -> pb::StreamAppendReply {
     use pb::stream_append_reply::Result as R;
     let result = match r {
         Ok(m) => R::Matched(pb::Matched {
@@ -291,9 +274,7 @@ pub(crate) fn stream_reply_to_pb<C: RaftWireConfig>(
         Err(StreamAppendError::Conflict(l)) => R::Conflict(log_id_to_pb(l)),
         Err(StreamAppendError::HigherVote(v)) => R::HigherVote(vote_to_pb(v)),
     };
-    pb::StreamAppendReply {
-        result: Some(result),
-    }
+    pb::StreamAppendReply { result: Some(result) }
 }
 
 pub(crate) fn stream_reply_from_pb<C: RaftWireConfig>(
@@ -335,19 +316,14 @@ pub(crate) fn snapshot_header_from_pb<C: RaftWireConfig>(
     let meta = openraft::SnapshotMeta {
         last_log_id: opt_log_id_from_pb(meta.last_log_id, "header.meta.last_log_id")?,
         last_membership: StoredMembership::new(
-            opt_log_id_from_pb(
-                meta.last_membership_log_id,
-                "header.meta.last_membership_log_id",
-            )?,
+            opt_log_id_from_pb(meta.last_membership_log_id, "header.meta.last_membership_log_id")?,
             membership,
         ),
     };
     Ok((vote, meta))
 }
 
-pub(crate) fn snapshot_response_to_pb<C: RaftWireConfig>(
-    r: &SnapshotResponse<C>,
-) -> pb::SnapshotResponse {
+pub(crate) fn snapshot_response_to_pb<C: RaftWireConfig>(r: &SnapshotResponse<C>) -> pb::SnapshotResponse {
     pb::SnapshotResponse {
         vote: Some(vote_to_pb(&r.vote)),
     }
@@ -389,22 +365,16 @@ pub(crate) fn transfer_response_to_pb<C: RaftWireConfig>(
     use pb::transfer_leader_response::Result as R;
     let result = match r {
         Ok(()) => R::Ok(pb::Blank {}),
-        Err(TransferLeaderError::VoteChanged { expected, actual }) => {
-            R::VoteChanged(pb::VoteChanged {
-                expected: Some(vote_to_pb(expected)),
-                actual: Some(vote_to_pb(actual)),
-            })
-        }
-        Err(TransferLeaderError::LogNotFlushed { expected, actual }) => {
-            R::LogNotFlushed(pb::LogNotFlushed {
-                expected: opt_log_id_to_pb(expected),
-                actual: opt_log_id_to_pb(actual),
-            })
-        }
+        Err(TransferLeaderError::VoteChanged { expected, actual }) => R::VoteChanged(pb::VoteChanged {
+            expected: Some(vote_to_pb(expected)),
+            actual: Some(vote_to_pb(actual)),
+        }),
+        Err(TransferLeaderError::LogNotFlushed { expected, actual }) => R::LogNotFlushed(pb::LogNotFlushed {
+            expected: opt_log_id_to_pb(expected),
+            actual: opt_log_id_to_pb(actual),
+        }),
     };
-    pb::TransferLeaderResponse {
-        result: Some(result),
-    }
+    pb::TransferLeaderResponse { result: Some(result) }
 }
 
 pub(crate) fn transfer_response_from_pb<C: RaftWireConfig>(

@@ -2,11 +2,13 @@
 
 mod client;
 mod convert;
+mod serve;
 mod server;
 
 pub(crate) use client::Lane;
+pub(crate) use serve::serve;
 pub(crate) use server::RaftService;
-pub(crate) use server::remap_oversize;
+use server::remap_oversize;
 
 /// The protobuf messages and tonic service of `proto/raftwire.proto`, for interoperating
 /// peers and for tests that speak the wire protocol directly.

@@ -20,6 +20,7 @@ use tonic::Streaming;
 use super::ERROR_MARK;
 use super::convert;
 use super::pb;
+use super::serve::Caller;
 use crate::error::DecodeError;
 use crate::snapshot::SnapshotData;
 use crate::snapshot::SnapshotSink;
@@ -66,9 +67,7 @@ fn is_oversize(code: Code) -> bool {
 /// Rewrites tonic's oversize refusal of a request to `ResourceExhausted`, marked as raftwire's
 /// own answer, and logs it. tonic reports the status in the response headers or, once it has
 /// started the response, in the trailers; both are covered.
-pub(crate) fn remap_oversize(
-    resp: http::Response<tonic::body::Body>,
-) -> http::Response<tonic::body::Body> {
+pub(crate) fn remap_oversize(resp: http::Response<tonic::body::Body>) -> http::Response<tonic::body::Body> {
     let (mut parts, body) = resp.into_parts();
     remap_status(&mut parts.headers);
     http::Response::from_parts(parts, tonic::body::Body::new(RemapTrailers(body)))
@@ -79,10 +78,7 @@ fn remap_status(h: &mut http::HeaderMap) {
         .get("grpc-status")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok());
-    let message = h
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    let message = h.get("grpc-message").and_then(|v| v.to_str().ok()).unwrap_or("");
     if code.is_some_and(|c| is_oversize(Code::from(c))) {
         tracing::warn!("refusing oversized request: {message}");
         h.insert(
@@ -126,8 +122,26 @@ impl http_body::Body for RemapTrailers {
     }
 }
 
-type ReplyStream =
-    Pin<Box<dyn Stream<Item = Result<pb::StreamAppendReply, Status>> + Send + 'static>>;
+/// The calling node's id, from its TLS certificate (`None` on a plaintext server).
+fn caller<T>(req: &Request<T>) -> Option<Caller> {
+    req.extensions().get::<Caller>().copied()
+}
+
+/// A node may speak only for itself: the candidate of a vote, the leader of an append or a
+/// snapshot, must be the node whose certificate the connection presented.
+fn check_caller(rpc: &str, caller: Option<Caller>, claimed: u64) -> Result<(), Status> {
+    match caller {
+        Some(Caller { node_id: id, addr }) if id != claimed => {
+            tracing::warn!(rpc, caller = id, %addr, claimed, "refusing a request made on behalf of another node");
+            Err(marked(Status::permission_denied(format!(
+                "{rpc}: the connection belongs to node {id}, the request speaks for node {claimed}"
+            ))))
+        }
+        _ => Ok(()),
+    }
+}
+
+type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::StreamAppendReply, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl<C, SM> pb::raft_server::Raft for RaftService<C, SM>
@@ -136,26 +150,19 @@ where
     SM: RaftStateMachine<C>,
     SM::SnapshotData: SnapshotData,
 {
-    async fn vote(
-        &self,
-        req: Request<pb::VoteRequest>,
-    ) -> Result<Response<pb::VoteResponse>, Status> {
-        let req = convert::vote_request_from_pb::<C>(req.into_inner())
-            .map_err(|e| bad_request("Vote", e))?;
-        let resp = self
-            .raft
-            .vote(req)
-            .await
-            .map_err(|e| raft_failed("Vote", e))?;
+    async fn vote(&self, req: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
+        let caller = caller(&req);
+        let req = convert::vote_request_from_pb::<C>(req.into_inner()).map_err(|e| bad_request("Vote", e))?;
+        check_caller("Vote", caller, req.vote.leader_id.node_id)?;
+        let resp = self.raft.vote(req).await.map_err(|e| raft_failed("Vote", e))?;
         Ok(Response::new(convert::vote_response_to_pb(&resp)))
     }
 
-    async fn pre_vote(
-        &self,
-        req: Request<pb::VoteRequest>,
-    ) -> Result<Response<pb::VoteResponse>, Status> {
-        let req = convert::vote_request_from_pb::<C>(req.into_inner())
-            .map_err(|e| bad_request("PreVote", e))?;
+    async fn pre_vote(&self, req: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
+        let caller = caller(&req);
+        let req =
+            convert::vote_request_from_pb::<C>(req.into_inner()).map_err(|e| bad_request("PreVote", e))?;
+        check_caller("PreVote", caller, req.vote.leader_id.node_id)?;
         let resp = self
             .raft
             .pre_vote(req)
@@ -168,8 +175,10 @@ where
         &self,
         req: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
+        let caller = caller(&req);
         let req = convert::append_request_from_pb::<C>(req.into_inner())
             .map_err(|e| bad_request("AppendEntries", e))?;
+        check_caller("AppendEntries", caller, req.vote.leader_id.node_id)?;
         let resp = self
             .raft
             .append_entries(req)
@@ -189,12 +198,16 @@ where
         // replies to every earlier request, so nothing accepted goes unanswered.
         let failure: Arc<Mutex<Option<Status>>> = Arc::default();
         let input_failure = failure.clone();
+        let caller = caller(&req);
         let input = req.into_inner().scan(0usize, move |seq, item| {
             let i = *seq;
             *seq += 1;
             let decoded = match item {
                 Ok(msg) => convert::append_request_from_pb::<C>(msg)
-                    .map_err(|e| bad_request("StreamAppend", e.within(&format!("request[{i}]")))),
+                    .map_err(|e| bad_request("StreamAppend", e.within(&format!("request[{i}]"))))
+                    .and_then(|req| {
+                        check_caller("StreamAppend", caller, req.vote.leader_id.node_id).map(|()| req)
+                    }),
                 Err(status) if is_oversize(status.code()) => {
                     tracing::warn!(
                         "StreamAppend: refusing oversized request[{i}]: {}",
@@ -223,10 +236,9 @@ where
             Ok(result) => Ok(convert::stream_reply_to_pb(&result)),
             Err(fatal) => Err(raft_failed("StreamAppend", fatal)),
         });
-        let trailer = futures::stream::once(async move {
-            failure.lock().unwrap_or_else(|p| p.into_inner()).take()
-        })
-        .filter_map(|f| futures::future::ready(f.map(Err)));
+        let trailer =
+            futures::stream::once(async move { failure.lock().unwrap_or_else(|p| p.into_inner()).take() })
+                .filter_map(|f| futures::future::ready(f.map(Err)));
         Ok(Response::new(Box::pin(replies.chain(trailer))))
     }
 
@@ -236,6 +248,7 @@ where
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
         use pb::snapshot_chunk::Kind;
         let rpc = "InstallSnapshot";
+        let caller = caller(&req);
         let mut chunks = req.into_inner();
         let header = match chunks.message().await? {
             Some(pb::SnapshotChunk {
@@ -249,8 +262,8 @@ where
             }
             None => return Err(bad_request(rpc, DecodeError::missing("header"))),
         };
-        let (vote, meta) =
-            convert::snapshot_header_from_pb::<C>(header).map_err(|e| bad_request(rpc, e))?;
+        let (vote, meta) = convert::snapshot_header_from_pb::<C>(header).map_err(|e| bad_request(rpc, e))?;
+        check_caller(rpc, caller, vote.leader_id.node_id)?;
         let mut data = self
             .sink
             .create()
@@ -261,9 +274,9 @@ where
         while let Some(chunk) = chunks.message().await? {
             match chunk.kind {
                 Some(Kind::Data(bytes)) => {
-                    data.write_all(&bytes).await.map_err(|e| {
-                        raft_failed(rpc, format!("writing snapshot data failed: {e}"))
-                    })?;
+                    data.write_all(&bytes)
+                        .await
+                        .map_err(|e| raft_failed(rpc, format!("writing snapshot data failed: {e}")))?;
                     received += bytes.len() as u64;
                 }
                 Some(Kind::Header(_)) => {
@@ -294,13 +307,7 @@ where
         );
         let resp = self
             .raft
-            .install_full_snapshot(
-                vote,
-                Snapshot {
-                    meta,
-                    snapshot: data,
-                },
-            )
+            .install_full_snapshot(vote, Snapshot { meta, snapshot: data })
             .await
             .map_err(|e| raft_failed(rpc, e))?;
         Ok(Response::new(convert::snapshot_response_to_pb(&resp)))
@@ -310,8 +317,10 @@ where
         &self,
         req: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let caller = caller(&req);
         let req = convert::transfer_request_from_pb::<C>(req.into_inner())
             .map_err(|e| bad_request("TransferLeader", e))?;
+        check_caller("TransferLeader", caller, req.from_leader().leader_id.node_id)?;
         let resp = self
             .raft
             .handle_transfer_leader(req)

@@ -4,21 +4,18 @@
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use raftwire::CertificateAuthority;
 use raftwire::Config;
+use raftwire::ConfigBuilder;
 use raftwire::Transport;
 use raftwire::demo;
 use raftwire::kv::KvNode;
 
-pub const LOOPBACK: ([u8; 4], u16) = ([127, 0, 0, 1], 0);
-
 pub fn loopback() -> SocketAddr {
-    LOOPBACK.into()
-}
-
-pub fn net_config(transport: Transport) -> Config {
-    Config::builder().transport(transport).build().unwrap()
+    ([127, 0, 0, 1], 0).into()
 }
 
 /// Every transport compiled into this build; cluster tests run on each.
@@ -29,33 +26,65 @@ pub fn transports() -> Vec<Transport> {
     ]
 }
 
+type Tweak = Arc<dyn Fn(ConfigBuilder) -> ConfigBuilder + Send + Sync>;
+
+/// How every node of a test cluster is configured: one transport, one CA, mutual TLS.
+#[derive(Clone)]
+pub struct Net {
+    pub transport: Transport,
+    pub ca: Arc<CertificateAuthority>,
+    tweak: Tweak,
+}
+
+impl Net {
+    pub fn new(transport: Transport) -> Net {
+        Self::with(transport, |b| b)
+    }
+
+    /// Like `new`, with extra settings applied to every node's config.
+    pub fn with(
+        transport: Transport,
+        tweak: impl Fn(ConfigBuilder) -> ConfigBuilder + Send + Sync + 'static,
+    ) -> Net {
+        let ca = CertificateAuthority::generate("raftwire test CA").unwrap();
+        Net {
+            transport,
+            ca: Arc::new(ca),
+            tweak: Arc::new(tweak),
+        }
+    }
+
+    /// Node `id`'s config: its own certificate from the cluster CA.
+    pub fn config(&self, id: u64) -> Config {
+        let builder = Config::builder()
+            .transport(self.transport)
+            .tls(self.ca.tls_config(id).unwrap());
+        (self.tweak)(builder).build().unwrap()
+    }
+}
+
 pub struct Cluster {
     pub nodes: BTreeMap<u64, KvNode>,
-    pub transport: Transport,
-    pub config: Config,
+    pub net: Net,
 }
 
 impl Cluster {
     /// Starts `n` nodes, initializes node 1 and makes all of them voters.
     pub async fn voters(transport: Transport, n: u64) -> Cluster {
-        Self::voters_with(net_config(transport), n).await
+        Self::voters_with(Net::new(transport), n).await
     }
 
-    pub async fn voters_with(config: Config, n: u64) -> Cluster {
+    pub async fn voters_with(net: Net, n: u64) -> Cluster {
         let mut nodes = BTreeMap::new();
         for id in 1..=n {
             nodes.insert(
                 id,
-                KvNode::start(id, demo::raft_config(), config.clone(), loopback())
+                KvNode::start(id, demo::raft_config(), net.config(id), loopback())
                     .await
                     .unwrap(),
             );
         }
-        let cluster = Cluster {
-            nodes,
-            transport: config.transport(),
-            config,
-        };
+        let cluster = Cluster { nodes, net };
         let n1 = &cluster.nodes[&1];
         demo::initialize_alone(n1).await.unwrap();
         for id in 2..=n {

@@ -1,0 +1,436 @@
+//! Mutual TLS with node identity, shared by both transports.
+//!
+//! # Node identity
+//!
+//! Every node certificate carries the DNS subject alternative name `node-<id>.raftwire`
+//! (see [`node_dns_name`]), signed by the cluster CA. A client verifies the server's chain
+//! against the CA *and* that the certificate names the node it meant to reach; a server
+//! demands a client certificate from the same CA and learns the caller's node id from it.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::DigitallySignedStruct;
+use rustls::DistinguishedName;
+use rustls::RootCertStore;
+use rustls::SignatureScheme;
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::client::danger::ServerCertVerified;
+use rustls::client::danger::ServerCertVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::ServerName;
+use rustls::pki_types::UnixTime;
+use rustls::pki_types::pem::PemObject;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerified;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::sign::CertifiedKey;
+
+/// The DNS name a node certificate carries to prove it belongs to node `id`.
+pub fn node_dns_name(id: u64) -> String {
+    format!("node-{id}.raftwire")
+}
+
+/// The node ids named by a certificate's `node-<id>.raftwire` DNS SANs.
+pub(crate) fn node_ids(cert: &CertificateDer<'_>) -> Vec<u64> {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => parse_node_dns_name(dns),
+            _ => None,
+        })
+        .collect()
+}
+
+pub(crate) fn parse_node_dns_name(dns: &str) -> Option<u64> {
+    dns.strip_prefix("node-")?.strip_suffix(".raftwire")?.parse().ok()
+}
+
+/// Why TLS material could not be loaded or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// PEM input holds nothing usable of the expected kind.
+    #[error("{what}: {reason}")]
+    Pem {
+        /// Which input (CA bundle, certificate, key).
+        what: &'static str,
+        /// What was wrong.
+        reason: String,
+    },
+    /// The node certificate names no node id, or more than one.
+    #[error(
+        "the node certificate must name exactly one node id as DNS SAN `node-<id>.raftwire`, found {0:?}"
+    )]
+    NodeId(Vec<u64>),
+    /// The private key does not belong to the certificate.
+    #[error("the private key does not match the node certificate: {0}")]
+    KeyMismatch(String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration refused: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The cluster CA bundle and this node's identity (certificate chain and key), for mutual TLS
+/// on every transport.
+///
+/// Loading checks everything it can up front: the key must match the certificate, which must
+/// name exactly one node id. rustls uses the crypto provider given to
+/// [`TlsConfig::with_crypto_provider`] (default: aws-lc-rs); no process-wide provider is
+/// installed. `Debug` never prints the key.
+#[derive(Clone)]
+pub struct TlsConfig {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    ca: Vec<CertificateDer<'static>>,
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    node_id: u64,
+    provider: Arc<CryptoProvider>,
+    allowed_peers: Option<BTreeSet<u64>>,
+}
+
+impl fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsConfig")
+            .field("node_id", &self.inner.node_id)
+            .field("ca_certificates", &self.inner.ca.len())
+            .field("chain_certificates", &self.inner.chain.len())
+            .field("key", &"<redacted>")
+            .field("allowed_peers", &self.inner.allowed_peers)
+            .finish()
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+impl TlsConfig {
+    /// Loads the CA bundle, this node's certificate chain and its private key from PEM files.
+    pub fn from_pem_files(
+        ca: impl AsRef<Path>,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<Self, TlsError> {
+        Self::from_pem(&read(ca.as_ref())?, &read(cert.as_ref())?, &read(key.as_ref())?)
+    }
+
+    /// Loads the CA bundle, this node's certificate chain and its private key from PEM text.
+    pub fn from_pem(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<Self, TlsError> {
+        let certs = |what: &'static str, pem: &[u8]| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+            let certs = CertificateDer::pem_slice_iter(pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| TlsError::Pem {
+                    what,
+                    reason: e.to_string(),
+                })?;
+            if certs.is_empty() {
+                return Err(TlsError::Pem {
+                    what,
+                    reason: "no certificate found".into(),
+                });
+            }
+            Ok(certs)
+        };
+        let ca = certs("CA bundle", ca_pem)?;
+        let chain = certs("node certificate", cert_pem)?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
+            what: "node private key",
+            reason: e.to_string(),
+        })?;
+        Self::new(
+            ca,
+            chain,
+            key,
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+    }
+
+    fn new(
+        ca: Vec<CertificateDer<'static>>,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for cert in &ca {
+            roots.add(cert.clone()).map_err(|e| TlsError::Pem {
+                what: "CA bundle",
+                reason: e.to_string(),
+            })?;
+        }
+        let ids = node_ids(&chain[0]);
+        let [node_id] = ids[..] else {
+            return Err(TlsError::NodeId(ids));
+        };
+        let signing_key = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .map_err(|e| TlsError::KeyMismatch(format!("unusable key: {e}")))?;
+        CertifiedKey::new(chain.clone(), signing_key)
+            .keys_match()
+            .map_err(|e| TlsError::KeyMismatch(e.to_string()))?;
+        let inner = Inner {
+            ca,
+            roots: Arc::new(roots),
+            chain,
+            key,
+            node_id,
+            provider,
+            allowed_peers: None,
+        };
+        Ok(TlsConfig {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Uses `provider` for every handshake and record (the default is aws-lc-rs).
+    pub fn with_crypto_provider(self, provider: Arc<CryptoProvider>) -> Result<Self, TlsError> {
+        let i = &self.inner;
+        let next = Self::new(i.ca.clone(), i.chain.clone(), i.key.clone_key(), provider)?;
+        Ok(match &i.allowed_peers {
+            Some(allowed) => next.allow_peers(allowed.iter().copied()),
+            None => next,
+        })
+    }
+
+    /// Accepts connections only from these node ids (default: any node the CA certified).
+    pub fn allow_peers(self, ids: impl IntoIterator<Item = u64>) -> Self {
+        let i = &self.inner;
+        let inner = Inner {
+            ca: i.ca.clone(),
+            roots: i.roots.clone(),
+            chain: i.chain.clone(),
+            key: i.key.clone_key(),
+            node_id: i.node_id,
+            provider: i.provider.clone(),
+            allowed_peers: Some(ids.into_iter().collect()),
+        };
+        TlsConfig {
+            inner: Arc::new(inner),
+        }
+    }
+
+    /// The node id this identity's certificate names.
+    pub fn node_id(&self) -> u64 {
+        self.inner.node_id
+    }
+
+    /// A server config demanding a client certificate from the cluster CA (and, if set, one of
+    /// the allowed node ids).
+    pub(crate) fn server_config(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+        let i = &self.inner;
+        let inner = WebPkiClientVerifier::builder_with_provider(i.roots.clone(), i.provider.clone())
+            .build()
+            .map_err(|e| TlsError::Pem {
+                what: "CA bundle",
+                reason: e.to_string(),
+            })?;
+        let verifier = NodeClientVerifier {
+            inner,
+            allowed: i.allowed_peers.clone(),
+        };
+        let mut config = rustls::ServerConfig::builder_with_provider(i.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_single_cert(i.chain.clone(), i.key.clone_key())?;
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok(config)
+    }
+
+    /// A client config presenting this node's identity and accepting only a server whose
+    /// certificate names node `expected`.
+    pub(crate) fn client_config(&self, expected: u64, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
+        let i = &self.inner;
+        let inner = WebPkiServerVerifier::builder_with_provider(i.roots.clone(), i.provider.clone())
+            .build()
+            .map_err(|e| TlsError::Pem {
+                what: "CA bundle",
+                reason: e.to_string(),
+            })?;
+        let verifier = NodeServerVerifier { inner, expected };
+        let mut config = rustls::ClientConfig::builder_with_provider(i.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(i.chain.clone(), i.key.clone_key())?;
+        config.alpn_protocols = vec![alpn.to_vec()];
+        Ok(config)
+    }
+}
+
+/// The server name a client uses to reach node `id`.
+pub(crate) fn server_name(id: u64) -> ServerName<'static> {
+    // `node-<u64>.raftwire` is always a valid DNS name.
+    ServerName::try_from(node_dns_name(id)).expect("node DNS names are valid")
+}
+
+/// Why a peer's certificate was refused on identity grounds.
+#[derive(Debug, thiserror::Error)]
+enum IdentityError {
+    #[error("server identity mismatch: expected node {expected}, the certificate presents {presented:?}")]
+    WrongServer { expected: u64, presented: Vec<u64> },
+    #[error("client certificate names no node id (DNS SAN node-<id>.raftwire)")]
+    NoClientId,
+    #[error("node {id} is not among the peers this server accepts ({allowed:?})")]
+    NotAllowed { id: u64, allowed: BTreeSet<u64> },
+}
+
+fn identity_error(e: IdentityError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e))))
+}
+
+#[derive(Debug)]
+struct NodeServerVerifier {
+    inner: Arc<WebPkiServerVerifier>,
+    expected: u64,
+}
+
+impl ServerCertVerifier for NodeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // Chain, validity period and usage are webpki's checks; the name it checks is the
+        // expected node's identity, whatever address we dialled.
+        let name = server_name(self.expected);
+        match self
+            .inner
+            .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
+        {
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. },
+            )) => Err(identity_error(IdentityError::WrongServer {
+                expected: self.expected,
+                presented: node_ids(end_entity),
+            })),
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+#[derive(Debug)]
+struct NodeClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    allowed: Option<BTreeSet<u64>>,
+}
+
+impl ClientCertVerifier for NodeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+            .inspect_err(|e| {
+                tracing::warn!("refusing a client certificate: {e}");
+            })?;
+        let ids = node_ids(end_entity);
+        let refuse = |e: IdentityError| {
+            tracing::warn!("refusing a client: {e}");
+            Err(identity_error(e))
+        };
+        let Some(&id) = ids.first() else {
+            return refuse(IdentityError::NoClientId);
+        };
+        if let Some(allowed) = &self.allowed {
+            if !allowed.contains(&id) {
+                return refuse(IdentityError::NotAllowed {
+                    id,
+                    allowed: allowed.clone(),
+                });
+            }
+        }
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// The authenticated node id of a TLS peer, from its (already verified) certificate chain.
+pub(crate) fn peer_node_id(certs: Option<&[CertificateDer<'_>]>) -> Option<u64> {
+    certs
+        .and_then(|c| c.first())
+        .and_then(|c| node_ids(c).first().copied())
+}
