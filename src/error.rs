@@ -180,3 +180,16 @@ pub enum ServerError {
     #[error("server failed: {0}")]
     Serve(String),
 }
+
+/// An error and its sources, joined with ": ", for messages that must say what went wrong
+/// underneath (a TLS alert inside a transport error).
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

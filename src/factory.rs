@@ -29,6 +29,7 @@ use openraft::raft::VoteResponse;
 
 use crate::config::Config;
 use crate::config::Transport;
+use crate::error::TransportError;
 use crate::snapshot::SnapshotData;
 use crate::stats::NetworkStats;
 use crate::stats::Stats;
@@ -37,6 +38,8 @@ use crate::types::RaftWireConfig;
 
 #[cfg(feature = "grpc")]
 use crate::grpc;
+#[cfg(feature = "quic")]
+use crate::quic;
 
 /// Which connection of a peer a client uses. Heartbeats and snapshots get their own so that
 /// neither waits behind bulk replication (HTTP/2 streams on one TCP connection still share
@@ -51,8 +54,12 @@ enum Purpose {
 /// One connection to one peer, of the configured transport.
 #[derive(Clone)]
 enum Lane {
+    /// gRPC: a connection per purpose.
     #[cfg(feature = "grpc")]
     Grpc(Arc<grpc::Lane>),
+    /// QUIC: one connection per peer; purposes get their own streams on it.
+    #[cfg(feature = "quic")]
+    Quic(Arc<quic::Lane>),
 }
 
 impl Lane {
@@ -60,6 +67,18 @@ impl Lane {
         match config.transport {
             #[cfg(feature = "grpc")]
             Transport::Grpc => Lane::Grpc(Arc::new(grpc::Lane::new(addr, target, config, stats))),
+            #[cfg(feature = "quic")]
+            Transport::Quic => Lane::Quic(Arc::new(quic::Lane::new(addr, target, config, stats))),
+        }
+    }
+
+    /// Whether one connection carries every purpose (so a lane is shared across them).
+    fn shared(&self) -> bool {
+        match self {
+            #[cfg(feature = "grpc")]
+            Lane::Grpc(_) => false,
+            #[cfg(feature = "quic")]
+            Lane::Quic(_) => true,
         }
     }
 }
@@ -139,14 +158,18 @@ where
                 lanes: HashMap::new(),
             };
         }
+        let shared = peer.lanes.values().find(|l| l.shared()).cloned();
         let lane = peer
             .lanes
             .entry(purpose)
-            .or_insert_with(|| Lane::new(addr, target, &self.config, self.stats.clone()))
+            .or_insert_with(|| {
+                shared.unwrap_or_else(|| Lane::new(addr, target, &self.config, self.stats.clone()))
+            })
             .clone();
         Network {
             local_id: self.local_id,
             target,
+            purpose,
             config: self.config.clone(),
             lane,
             _types: PhantomData,
@@ -178,6 +201,7 @@ where
 pub struct Network<C, SD> {
     local_id: u64,
     target: u64,
+    purpose: Purpose,
     config: Arc<Config>,
     lane: Lane,
     _types: PhantomData<fn() -> (C, SD)>,
@@ -199,6 +223,8 @@ where
         let result = match &self.lane {
             #[cfg(feature = "grpc")]
             Lane::Grpc(lane) => lane.append(&rpc, deadline).await,
+            #[cfg(feature = "quic")]
+            Lane::Quic(lane) => lane.append(rpc, deadline).await,
         };
         result.map_err(|e| e.into_rpc(self.local_id, self.target))
     }
@@ -214,9 +240,26 @@ where
         Box::pin(async move {
             let (local, target) = (self.local_id, self.target);
             let deadline = self.config.deadline(option.soft_ttl());
-            let replies = match &self.lane {
+            let replies: Result<
+                BoxStream<'s, Result<StreamAppendResult<C>, TransportError>>,
+                TransportError,
+            > = match &self.lane {
                 #[cfg(feature = "grpc")]
-                Lane::Grpc(lane) => lane.stream_append(input, &self.config, deadline).await,
+                Lane::Grpc(lane) => lane
+                    .stream_append(input, &self.config, deadline)
+                    .await
+                    .map(|s| Box::pin(s) as BoxStream<'s, _>),
+                #[cfg(feature = "quic")]
+                Lane::Quic(lane) => {
+                    let priority = if self.purpose == Purpose::Heartbeat {
+                        quic::HEARTBEAT_PRIORITY
+                    } else {
+                        0
+                    };
+                    lane.stream_append(input, &self.config, deadline, priority)
+                        .await
+                        .map(|s| Box::pin(s) as BoxStream<'s, _>)
+                }
             };
             let replies = replies.map_err(|e| e.into_rpc(local, target))?;
             let out: BoxStream<'s, _> =
@@ -257,6 +300,11 @@ where
                     lane.send_snapshot::<C, SD>(&vote, &snapshot.meta, snapshot.snapshot, chunk, idle)
                         .await
                 }
+                #[cfg(feature = "quic")]
+                Lane::Quic(lane) => {
+                    lane.send_snapshot::<C, SD>(vote, snapshot.meta, snapshot.snapshot, chunk, idle)
+                        .await
+                }
             }
         };
         tokio::select! {
@@ -274,6 +322,8 @@ where
         let result = match &self.lane {
             #[cfg(feature = "grpc")]
             Lane::Grpc(lane) => lane.transfer_leader(&req, deadline).await,
+            #[cfg(feature = "quic")]
+            Lane::Quic(lane) => lane.transfer_leader(req, deadline).await,
         };
         result.map_err(|e| e.into_rpc(self.local_id, self.target))
     }
@@ -294,6 +344,8 @@ where
         let result = match &self.lane {
             #[cfg(feature = "grpc")]
             Lane::Grpc(lane) => lane.vote(&rpc, pre_vote, deadline).await,
+            #[cfg(feature = "quic")]
+            Lane::Quic(lane) => lane.vote(rpc, pre_vote, deadline).await,
         };
         result.map_err(|e| e.into_rpc(self.local_id, self.target))
     }

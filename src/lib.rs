@@ -2,41 +2,45 @@
 //!
 //! A production network layer for [openraft](https://docs.rs/openraft) clusters: one
 //! [`RaftNetworkFactory`](openraft::RaftNetworkFactory) ([`NetworkFactory`]) and one
-//! [`Server`] with the transport chosen in [`Config`].
+//! [`Server`], with the transport chosen at run time in [`Config`].
 //!
-//! - **gRPC** (tonic + prost over HTTP/2), the default.
+//! - **gRPC** (tonic + prost over HTTP/2), the default; heartbeats, snapshots and bulk
+//!   replication each get their own connection per peer.
+//! - **QUIC** (quinn) with raftwire's own zero-copy framing: one connection per peer, a stream
+//!   per replication session, heartbeat, vote and snapshot, so nothing waits behind anything.
 //! - Natively **pipelined replication**: openraft's `stream_append` runs over one
 //!   bidirectional stream per replication session, reading ahead up to a window of requests
 //!   and bytes, with replies in order.
 //! - **Streamed snapshots** in chunks with bounded memory on both sides, cancellable.
-//! - Heartbeats, snapshots and bulk replication on **separate connections** per peer.
+//! - **Mutual TLS** with node identity on both transports ([`TlsConfig`]); plaintext gRPC
+//!   only as an explicit, logged opt-in.
 //!
 //! ## Feature flags
 //!
 //! | feature | default | what it adds |
 //! |---|---|---|
-//! | `grpc` | yes | the gRPC transport ([`Transport::Grpc`]) and the protobuf types in [`pb`] |
-//! | `quic` | yes | reserved for the QUIC transport; it adds nothing yet |
+//! | `grpc` | yes | the gRPC transport ([`Transport::Grpc`]) and the protobuf types in `pb` |
+//! | `quic` | yes | the QUIC transport ([`Transport::Quic`]) and its tuning ([`QuicTuning`]) |
+//!
+//! With both compiled in, [`Transport::default`] is gRPC.
 //!
 //! ## Wiring it into an openraft application
 //!
 //! Your type config must meet [`RaftWireConfig`] (the defaults of
 //! `openraft::declare_raft_types!` do, with `D`, `R` and `Node` implementing
-//! [`WireMessage`]). Then:
+//! [`WireMessage`]). Then, on every node:
 //!
 //! ```no_run
 //! # use std::sync::Arc;
-//! # use raftwire::kv::{KvConfig, LogStore, StateMachine};
+//! # use raftwire::kv::{KvConfig, KvSnapshotData, LogStore, StateMachine};
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-//! let config = raftwire::Config::builder().build()?;
-//! let sm = StateMachine::default();
-//! let network = raftwire::NetworkFactory::<KvConfig, _>::new(1, config.clone());
+//! // This node's identity (made by `raftwire certs init`) and the cluster CA.
+//! let tls = raftwire::TlsConfig::from_pem_files("certs/ca.pem", "certs/node-1.pem", "certs/node-1.key")?;
+//! let config = raftwire::Config::builder().transport(raftwire::Transport::Grpc).tls(tls).build()?;
+//! let network = raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(1, config.clone());
 //! let raft = openraft::Raft::new(1, Arc::new(openraft::Config::default().validate()?), network,
-//!                                LogStore::default(), sm).await?;
-//! let server = raftwire::Server::builder(raft.clone())
-//!     .config(config)
-//!     .bind("127.0.0.1:5001".parse()?)
-//!     .await?;
+//!                                LogStore::default(), StateMachine::default()).await?;
+//! let server = raftwire::Server::builder(raft.clone(), config).bind("0.0.0.0:5001".parse()?).await?;
 //! # server.shutdown().await?;
 //! # Ok(()) }
 //! ```
@@ -44,10 +48,12 @@
 //! ## Layout
 //!
 //! `config` (settings), `error` (error enums; the one place transport failures become
-//! openraft's `RPCError`), `factory` (the factory and its connection cache), `pipeline`
-//! (transport-independent pipelining of `stream_append`), `grpc/` (client, server and proto
-//! conversions), `server` (serves a `Raft`), `kv` (the demo key-value application, also used
-//! by the tests), `demo` (the `raftwire demo` run).
+//! openraft's `RPCError`), `tls` and `certs` (mutual TLS, node identity, rcgen tooling),
+//! `factory` (the factory and its connection cache), `pipeline` (transport-independent
+//! pipelining of `stream_append`), `grpc/` (client, server, accept loop, proto conversions),
+//! `codec/` (the QUIC frame format, no I/O), `quic/` (client, server), `server` (serves a
+//! `Raft`), `kv` (the demo key-value application, also used by the tests and benches), `demo`
+//! (the `raftwire demo` run).
 #![warn(missing_docs)]
 
 mod certs;
@@ -66,6 +72,8 @@ mod wire;
 mod codec;
 #[cfg(feature = "grpc")]
 mod grpc;
+#[cfg(feature = "quic")]
+mod quic;
 
 pub mod demo;
 pub mod kv;
@@ -78,6 +86,8 @@ pub use certs::Validity;
 pub use certs::inspect as inspect_certificate;
 pub use config::Config;
 pub use config::ConfigBuilder;
+pub use config::CongestionControl;
+pub use config::QuicTuning;
 pub use config::Transport;
 pub use error::ConfigError;
 pub use error::DecodeError;

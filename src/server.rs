@@ -95,29 +95,45 @@ where
         self
     }
 
-    /// Binds `addr` (port 0 picks a free port) and starts serving in a background task.
+    /// Binds `addr` (port 0 picks a free port: TCP for gRPC, UDP for QUIC) and starts serving
+    /// in a background task.
     pub async fn bind(self, addr: SocketAddr) -> Result<Server, ServerError> {
+        let transport_is_plaintext = self.config.tls.is_none();
         let bind_err = |source| ServerError::Bind {
             addr: addr.to_string(),
             source,
         };
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind_err)?;
-        let local_addr = listener.local_addr().map_err(bind_err)?;
         let (tx, rx) = oneshot::channel::<()>();
         let transport = self.config.transport;
-        if self.config.tls.is_none() {
+        let (local_addr, task) = match transport {
+            #[cfg(feature = "grpc")]
+            Transport::Grpc => {
+                let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind_err)?;
+                let local_addr = listener.local_addr().map_err(bind_err)?;
+                (
+                    local_addr,
+                    tokio::spawn(crate::grpc::serve(
+                        self.raft,
+                        self.sink,
+                        self.config,
+                        listener,
+                        rx,
+                    )),
+                )
+            }
+            #[cfg(feature = "quic")]
+            Transport::Quic => {
+                let socket = crate::quic::udp_socket(addr, &self.config.quic).map_err(bind_err)?;
+                let local_addr = socket.local_addr().map_err(bind_err)?;
+                (
+                    local_addr,
+                    tokio::spawn(crate::quic::serve(self.raft, self.sink, self.config, socket, rx)),
+                )
+            }
+        };
+        if transport_is_plaintext {
             tracing::warn!(%local_addr, "raftwire server runs PLAINTEXT: callers are not authenticated, traffic is not encrypted");
         }
-        let task = match transport {
-            #[cfg(feature = "grpc")]
-            Transport::Grpc => tokio::spawn(crate::grpc::serve(
-                self.raft,
-                self.sink,
-                self.config,
-                listener,
-                rx,
-            )),
-        };
         tracing::info!(%local_addr, transport = transport.name(), "raftwire server listening");
         Ok(Server {
             local_addr,

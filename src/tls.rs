@@ -428,6 +428,18 @@ impl ClientCertVerifier for NodeClientVerifier {
     }
 }
 
+/// A node may speak only for itself: the candidate of a vote, the leader of an append or a
+/// snapshot must be the node whose certificate the connection presented. `caller` is `None`
+/// on a plaintext connection, where nothing can be checked.
+pub(crate) fn speaks_for(caller: Option<u64>, claimed: u64) -> Result<(), String> {
+    match caller {
+        Some(id) if id != claimed => Err(format!(
+            "the connection belongs to node {id}, the request speaks for node {claimed}"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The authenticated node id of a TLS peer, from its (already verified) certificate chain.
 pub(crate) fn peer_node_id(certs: Option<&[CertificateDer<'_>]>) -> Option<u64> {
     certs

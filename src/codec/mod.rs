@@ -26,14 +26,12 @@
 //! and closed.
 
 // Used by the QUIC transport (next change).
-#![allow(dead_code)]
 
 mod body;
 #[cfg(test)]
 mod tests;
 
 use bytes::Buf;
-use bytes::BufMut;
 use bytes::Bytes;
 use bytes::BytesMut;
 use openraft::alias::SnapshotMetaOf;
@@ -226,9 +224,10 @@ impl Header {
         b
     }
 
-    /// Appends the header's 18 bytes to `out`.
+    /// Appends the header's 18 bytes to `out` (tests build frames by hand with it).
+    #[cfg(test)]
     pub(crate) fn encode(&self, out: &mut BytesMut) {
-        out.put_slice(&self.to_bytes());
+        bytes::BufMut::put_slice(out, &self.to_bytes());
     }
 
     /// Parses a header from the start of `buf` without consuming it.

@@ -34,6 +34,7 @@ use super::pb;
 use super::pb::raft_client::RaftClient;
 use crate::config::Config;
 use crate::error::TransportError;
+use crate::error::error_chain;
 use crate::pipeline;
 use crate::pipeline::RequestSink;
 use crate::snapshot::SnapshotData;
@@ -393,15 +394,4 @@ fn status_to_error(rpc: RPCTypes, status: Status) -> TransportError {
             reason: error_chain(&status),
         },
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -24,6 +24,7 @@ use super::serve::Caller;
 use crate::error::DecodeError;
 use crate::snapshot::SnapshotData;
 use crate::snapshot::SnapshotSink;
+use crate::tls;
 use crate::types::RaftWireConfig;
 
 /// Serves one `Raft` over gRPC.
@@ -127,18 +128,13 @@ fn caller<T>(req: &Request<T>) -> Option<Caller> {
     req.extensions().get::<Caller>().copied()
 }
 
-/// A node may speak only for itself: the candidate of a vote, the leader of an append or a
-/// snapshot, must be the node whose certificate the connection presented.
+/// Refuses a request made on behalf of a node other than the caller (see [`tls::speaks_for`]).
 fn check_caller(rpc: &str, caller: Option<Caller>, claimed: u64) -> Result<(), Status> {
-    match caller {
-        Some(Caller { node_id: id, addr }) if id != claimed => {
-            tracing::warn!(rpc, caller = id, %addr, claimed, "refusing a request made on behalf of another node");
-            Err(marked(Status::permission_denied(format!(
-                "{rpc}: the connection belongs to node {id}, the request speaks for node {claimed}"
-            ))))
-        }
-        _ => Ok(()),
-    }
+    tls::speaks_for(caller.map(|c| c.node_id), claimed).map_err(|e| {
+        let addr = caller.map(|c| c.addr.to_string()).unwrap_or_default();
+        tracing::warn!(rpc, %addr, "refusing a request: {e}");
+        marked(Status::permission_denied(format!("{rpc}: {e}")))
+    })
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::StreamAppendReply, Status>> + Send + 'static>>;

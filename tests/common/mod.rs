@@ -23,6 +23,8 @@ pub fn transports() -> Vec<Transport> {
     vec![
         #[cfg(feature = "grpc")]
         Transport::Grpc,
+        #[cfg(feature = "quic")]
+        Transport::Quic,
     ]
 }
 
@@ -141,6 +143,15 @@ macro_rules! on_every_transport {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
                     super::$scenario(raftwire::Transport::Grpc).await
+                }
+            )*
+        }
+        #[cfg(feature = "quic")]
+        mod quic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(raftwire::Transport::Quic).await
                 }
             )*
         }

@@ -1,0 +1,178 @@
+//! QUIC transport (quinn) with raftwire's framing codec.
+//!
+//! One connection per peer carries every kind of traffic, each on its own stream: a
+//! long-lived bidirectional stream per replication session (pipelined `stream_append`), a
+//! short stream per heartbeat, vote or transfer-leader call, and one per snapshot. QUIC
+//! streams are flow-controlled independently, so a snapshot or a large batch never delays
+//! a heartbeat (heartbeat streams are also sent with a higher priority).
+
+mod client;
+mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use bytes::BytesMut;
+use quinn::VarInt;
+use tokio::io::AsyncReadExt;
+
+pub(crate) use client::HEARTBEAT_PRIORITY;
+pub(crate) use client::Lane;
+pub(crate) use server::serve;
+
+use crate::codec;
+use crate::codec::ErrorCode;
+use crate::codec::FrameDecoder;
+use crate::codec::FrameError;
+use crate::codec::Message;
+use crate::config::Config;
+use crate::config::CongestionControl;
+use crate::config::QuicTuning;
+use crate::types::RaftWireConfig;
+
+/// raftwire's ALPN protocol id on QUIC.
+pub(crate) const ALPN: &[u8] = b"raftwire/1";
+
+/// The transport parameters both sides use.
+fn transport_config(t: &QuicTuning) -> quinn::TransportConfig {
+    let mut tc = quinn::TransportConfig::default();
+    let varint = |v: u64| VarInt::from_u64(v).unwrap_or(VarInt::MAX);
+    tc.stream_receive_window(varint(t.stream_receive_window))
+        .receive_window(varint(t.receive_window))
+        .send_window(t.send_window)
+        .initial_mtu(t.initial_mtu.max(1200))
+        .keep_alive_interval(Some(t.keep_alive_interval))
+        .max_idle_timeout(quinn::IdleTimeout::try_from(t.idle_timeout).ok())
+        .max_concurrent_bidi_streams(VarInt::from_u32(t.max_concurrent_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0));
+    match t.congestion {
+        CongestionControl::Cubic => {
+            tc.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+        CongestionControl::NewReno => {
+            tc.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+        }
+        CongestionControl::Bbr => {
+            tc.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default()))
+        }
+    };
+    tc
+}
+
+/// A UDP socket with the requested buffer sizes, bound to `addr`. A smaller size granted by
+/// the OS is logged, not fatal.
+pub(crate) fn udp_socket(addr: SocketAddr, tuning: &QuicTuning) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::Domain;
+    use socket2::Protocol;
+    use socket2::Socket;
+    use socket2::Type;
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    let want = tuning.udp_buffer;
+    if let Err(e) = socket.set_recv_buffer_size(want) {
+        tracing::warn!("cannot set the UDP receive buffer to {want} bytes: {e}");
+    }
+    if let Err(e) = socket.set_send_buffer_size(want) {
+        tracing::warn!("cannot set the UDP send buffer to {want} bytes: {e}");
+    }
+    // Linux reports twice the usable size; anything below the request means a sysctl cap.
+    for (what, got) in [
+        ("receive", socket.recv_buffer_size()?),
+        ("send", socket.send_buffer_size()?),
+    ] {
+        if got < want {
+            tracing::warn!(
+                "UDP {what} buffer is {got} bytes, below the requested {want} (raise net.core.{}mem_max)",
+                if what == "receive" { "r" } else { "w" }
+            );
+        }
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// A stream error code: the codec's error codes, plus "done" for a clean stop.
+fn code(c: ErrorCode) -> VarInt {
+    VarInt::from_u32(c as u32)
+}
+
+/// Why reading a frame from a stream failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error("stream failed: {0}")]
+    Stream(#[from] std::io::Error),
+    #[error("stream ended inside a frame ({0} bytes buffered)")]
+    Truncated(usize),
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+}
+
+/// Reads whole frames from a receive stream into one buffer; a frame's body is split off that
+/// buffer without copying, and only the current frame's size is ever reserved.
+pub(crate) struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: BytesMut,
+    decoder: FrameDecoder,
+}
+
+impl FrameReader {
+    pub(crate) fn new(recv: quinn::RecvStream, max_len: usize) -> Self {
+        FrameReader {
+            recv,
+            buf: BytesMut::with_capacity(4096),
+            decoder: FrameDecoder::new(max_len),
+        }
+    }
+
+    /// The next frame as (request id, message); `None` when the peer finished the stream at a
+    /// frame boundary.
+    pub(crate) async fn next<C: RaftWireConfig>(&mut self) -> Result<Option<(u64, Message<C>)>, ReadError> {
+        loop {
+            if let Some((header, body)) = self.decoder.decode(&mut self.buf)? {
+                return Ok(Some((header.request_id, codec::decode::<C>(&header, body)?)));
+            }
+            if self.buf.capacity() == self.buf.len() {
+                self.buf.reserve(4096);
+            }
+            if self.recv.read_buf(&mut self.buf).await? == 0 {
+                return match self.buf.len() {
+                    0 => Ok(None),
+                    n => Err(ReadError::Truncated(n)),
+                };
+            }
+        }
+    }
+
+    /// Tells the peer to stop sending on this stream, with `code`.
+    pub(crate) fn stop(&mut self, c: ErrorCode) {
+        let _ = self.recv.stop(code(c));
+    }
+}
+
+/// Encodes `msg` and writes it as one vectored write of its chunks (entry payloads and
+/// snapshot data go out as the `Bytes` they are, uncopied).
+pub(crate) async fn write_frame<C: RaftWireConfig>(
+    send: &mut quinn::SendStream,
+    request_id: u64,
+    msg: &Message<C>,
+    max_len: usize,
+) -> Result<usize, WriteError> {
+    let mut chunks: Vec<Bytes> = Vec::with_capacity(4);
+    let size = codec::encode(request_id, msg, max_len, &mut chunks)?;
+    send.write_all_chunks(&mut chunks).await?;
+    Ok(size)
+}
+
+/// Why writing a frame failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WriteError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("stream write failed: {0}")]
+    Stream(#[from] quinn::WriteError),
+}
+
+/// The largest frame body a config allows (the codec's limit), with room for the header.
+fn max_frame(config: &Config) -> usize {
+    config.max_message_size
+}
