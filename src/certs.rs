@@ -129,6 +129,16 @@ impl CertificateAuthority {
     /// Loads an existing CA from its certificate and key (PEM).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CertError> {
         let key = KeyPair::from_pem(key_pem)?;
+        // rcgen signs with whatever key it is given: a key from another CA would issue
+        // certificates nobody can verify, so check the pair belongs together first.
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|e| CertError::Parse(e.to_string()))?;
+        let cert = pem.parse_x509().map_err(|e| CertError::Parse(e.to_string()))?;
+        if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+            return Err(CertError::Parse(
+                "the CA key does not belong to the CA certificate".into(),
+            ));
+        }
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
         Ok(CertificateAuthority {
             cert_pem: cert_pem.to_string(),

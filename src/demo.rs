@@ -46,7 +46,7 @@ pub struct DemoOptions {
 impl Default for DemoOptions {
     fn default() -> Self {
         DemoOptions {
-            transport: Transport::Grpc,
+            transport: Transport::default(),
             writes: 10_000,
             value_size: 64,
             concurrency: 64,

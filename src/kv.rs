@@ -531,14 +531,24 @@ impl KvNode {
         let raft = openraft::Raft::new(id, raft_config.clone(), network.clone(), log.clone(), sm.clone())
             .await
             .map_err(|e| NodeError::new(format!("start raft on node {id}"), e))?;
-        let mut builder = Server::builder(raft.clone(), net_config.clone());
-        if let Some(sink) = sink.clone() {
-            builder = builder.snapshot_sink(move || sink.create());
-        }
-        let server = builder
-            .bind(addr)
-            .await
-            .map_err(|e| NodeError::new(format!("start server of node {id}"), e))?;
+        // A restarted node's previous socket may still be draining (QUIC closes gracefully,
+        // telling its peers first): retry a port in use for a short while.
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let server = loop {
+            let mut builder = Server::builder(raft.clone(), net_config.clone());
+            if let Some(sink) = sink.clone() {
+                builder = builder.snapshot_sink(move || sink.create());
+            }
+            match builder.bind(addr).await {
+                Ok(server) => break server,
+                Err(crate::ServerError::Bind { source, .. })
+                    if source.kind() == io::ErrorKind::AddrInUse && std::time::Instant::now() < give_up =>
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(NodeError::new(format!("start server of node {id}"), e)),
+            }
+        };
         let addr = server.local_addr();
         Ok(KvNode {
             id,

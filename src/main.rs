@@ -1,4 +1,7 @@
-//! The `raftwire` command line: `raftwire demo` runs a whole cluster lifecycle on loopback.
+//! The `raftwire` command line: `raftwire demo` runs a whole cluster lifecycle on loopback;
+//! `raftwire certs` makes and inspects the cluster CA and node certificates.
+
+mod certs_cmd;
 
 use std::process::ExitCode;
 
@@ -25,8 +28,8 @@ struct Cli {
 enum Command {
     /// Runs a 3-node cluster on loopback: writes, linearizable reads, failover, snapshot catch-up.
     Demo {
-        /// Transport: grpc.
-        #[arg(long, default_value = "grpc")]
+        /// Transport: grpc or quic (those compiled in).
+        #[arg(long, default_value_t = Transport::default())]
         transport: Transport,
         /// Keys to write.
         #[arg(long, default_value_t = 10_000)]
@@ -44,6 +47,11 @@ enum Command {
         #[arg(long)]
         insecure_plaintext: bool,
     },
+    /// Makes and inspects certificates for mutual TLS: a cluster CA and node certificates.
+    Certs {
+        #[command(subcommand)]
+        command: certs_cmd::CertsCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +63,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    let command = match cli.command {
+        Command::Certs { command } => return certs_cmd::run(command),
+        other => other,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -62,7 +74,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
+    match command {
+        Command::Certs { .. } => unreachable!("handled above"),
         Command::Demo {
             transport,
             writes,

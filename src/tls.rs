@@ -293,7 +293,7 @@ pub(crate) fn server_name(id: u64) -> ServerName<'static> {
 }
 
 /// Why a peer's certificate was refused on identity grounds.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 enum IdentityError {
     #[error("server identity mismatch: expected node {expected}, the certificate presents {presented:?}")]
     WrongServer { expected: u64, presented: Vec<u64> },
@@ -301,6 +301,13 @@ enum IdentityError {
     NoClientId,
     #[error("node {id} is not among the peers this server accepts ({allowed:?})")]
     NotAllowed { id: u64, allowed: BTreeSet<u64> },
+}
+
+/// rustls shows certificate errors with `Debug`: make that the readable message.
+impl fmt::Debug for IdentityError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
 }
 
 fn identity_error(e: IdentityError) -> rustls::Error {

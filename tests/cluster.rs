@@ -218,14 +218,17 @@ async fn restarted_follower_reconnects(transport: Transport) {
 /// meanwhile (they travel on their own connection), and nobody starts an election.
 async fn heartbeats_flow_while_snapshot_streams(transport: Transport) {
     let slow = Arc::new(AtomicBool::new(false));
+    let stalling = Arc::new(AtomicBool::new(false));
     let mut c = Cluster::voters(transport, 2).await;
     let (config, raft_config) = (c.net.config(3), demo::raft_config());
-    let sink_slow = slow.clone();
+    let (sink_slow, sink_stalling) = (slow.clone(), stalling.clone());
     let sink = move || {
         let slow = sink_slow.load(Ordering::SeqCst);
+        let stalling = sink_stalling.clone();
         async move {
             if slow {
-                tokio::time::sleep(Duration::from_millis(2_000)).await;
+                stalling.store(true, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(2_500)).await;
             }
             Ok::<_, std::io::Error>(KvSnapshotData::default())
         }
@@ -243,15 +246,29 @@ async fn heartbeats_flow_while_snapshot_streams(transport: Transport) {
     n3.stop().await.unwrap();
 
     let upto = snapshot_and_purge(&c, 96, 256 << 10).await; // 24 MiB
-    let term = c.node(1).metrics().current_term;
     slow.store(true, Ordering::SeqCst);
     let n3 = n3.restart().await.unwrap();
 
-    // Sample the leader's last heartbeat ack from node 3 while its snapshot receiver stalls.
+    // Once the snapshot is under way and its receiver stalls, sample the leader's last
+    // heartbeat ack from node 3.
+    for _ in 0..200 {
+        if stalling.load(Ordering::SeqCst) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        stalling.load(Ordering::SeqCst),
+        "the snapshot to node 3 never started"
+    );
+    // (A restarted voter may campaign before the leader reaches it again; what must not happen
+    // is an election while the snapshot streams.)
+    let leader = c.await_leader(1, Some(3)).await;
+    let term = c.node(leader).metrics().current_term;
     let mut acks = BTreeSet::new();
     for _ in 0..15 {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let m = c.node(1).metrics();
+        let m = c.node(leader).metrics();
         if let Some(Some(at)) = m.heartbeat.as_ref().and_then(|h| h.get(&3).cloned()) {
             acks.insert(at);
         }
@@ -267,9 +284,9 @@ async fn heartbeats_flow_while_snapshot_streams(transport: Transport) {
         "heartbeats to node 3 stalled during the snapshot: {} distinct acks",
         acks.len()
     );
-    let m = c.node(1).metrics();
+    let m = c.node(leader).metrics();
     assert_eq!(m.current_term, term, "an election happened during the snapshot");
-    assert_eq!(m.current_leader, Some(1));
+    assert_eq!(m.current_leader, Some(leader));
     c.nodes.insert(3, n3);
     c.shutdown().await;
 }

@@ -138,8 +138,11 @@ impl Lane {
     /// Maps a failed call and forgets a connection that may be dead, so the next call
     /// connects afresh (and reports `Connect` if the peer is gone).
     fn failed(&self, rpc: RPCTypes, status: Status) -> TransportError {
-        let err = status_to_error(rpc, status);
-        if matches!(err, TransportError::Broken { .. }) {
+        let err = status_to_error(&self.addr, rpc, status);
+        if matches!(
+            err,
+            TransportError::Broken { .. } | TransportError::Connect { .. }
+        ) {
             self.channel.lock().unwrap_or_else(|p| p.into_inner()).take();
         }
         err
@@ -377,11 +380,20 @@ impl<C: RaftWireConfig> RequestSink<C> for ChannelSink {
 
 /// A status the peer's raftwire server produced (marked) is the peer's own refusal; anything
 /// else came from the connection.
-fn status_to_error(rpc: RPCTypes, status: Status) -> TransportError {
+fn status_to_error(addr: &str, rpc: RPCTypes, status: Status) -> TransportError {
     if status.metadata().get(ERROR_MARK).is_some() {
         return TransportError::Remote {
             rpc,
             reason: format!("{:?}: {}", status.code(), status.message()),
+        };
+    }
+    let reason = error_chain(&status);
+    // Under TLS 1.3 the server checks our certificate after our side of the handshake is
+    // done, so its refusal arrives as an alert on the first call: still a failed handshake.
+    if reason.contains("received fatal alert") {
+        return TransportError::Connect {
+            addr: addr.to_string(),
+            reason,
         };
     }
     match status.code() {
@@ -389,9 +401,6 @@ fn status_to_error(rpc: RPCTypes, status: Status) -> TransportError {
             rpc,
             after: Duration::ZERO,
         },
-        _ => TransportError::Broken {
-            rpc,
-            reason: error_chain(&status),
-        },
+        _ => TransportError::Broken { rpc, reason },
     }
 }

@@ -123,7 +123,7 @@ where
     drop(connections);
     // The socket is released once the endpoint has told its peers (bounded: peers that do
     // not answer are given up on).
-    let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout(Duration::from_millis(900), endpoint.wait_idle()).await;
     Ok(())
 }
 
@@ -136,6 +136,10 @@ where
     let addr = incoming.remote_address();
     let conn = match tokio::time::timeout(handshake_timeout, incoming).await {
         Ok(Ok(conn)) => conn,
+        // A client that gave up (shutting down, timed out) is no refusal worth a warning.
+        Ok(Err(e @ quinn::ConnectionError::ApplicationClosed(_))) => {
+            return tracing::debug!(%addr, "QUIC handshake abandoned by the client: {e}");
+        }
         Ok(Err(e)) => return tracing::warn!(%addr, "QUIC handshake refused: {e}"),
         Err(_) => return tracing::warn!(%addr, "QUIC handshake timed out after {handshake_timeout:?}"),
     };

@@ -1,0 +1,763 @@
+//! Mutual TLS over real sockets on 127.0.0.1, on every compiled transport: who is trusted,
+//! who is refused and how the refusal reads; loading and redaction of TLS material; the
+//! `raftwire certs` command.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::process::Output;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
+
+use common::Cluster;
+use common::loopback;
+use openraft::RaftNetworkFactory;
+use openraft::errors::RPCError;
+use openraft::impls::BasicNode;
+use openraft::network::RPCOption;
+use openraft::network::RaftNetworkV2;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
+use raftwire::CertificateAuthority;
+use raftwire::Config;
+use raftwire::NodeCertificate;
+use raftwire::TlsConfig;
+use raftwire::TlsError;
+use raftwire::Transport;
+use raftwire::Validity;
+use raftwire::demo;
+use raftwire::kv::KvConfig;
+use raftwire::kv::KvNode;
+use raftwire::kv::KvSnapshotData;
+
+type NetworkFactory = raftwire::NetworkFactory<KvConfig, KvSnapshotData>;
+
+fn ca() -> CertificateAuthority {
+    named_ca("raftwire tls test CA")
+}
+
+fn named_ca(name: &str) -> CertificateAuthority {
+    CertificateAuthority::generate(name).unwrap()
+}
+
+/// The WARN lines logged on this thread. The tests that read them run on a current-thread
+/// runtime, so the servers' tasks log here too: a server's reason for refusing a client is
+/// only in its log (TLS tells the client at most an alert code).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// The first line logged since the last `clear` that contains `needle`, waiting a little
+    /// for it; panics with everything logged if none comes.
+    async fn line(&self, transport: Transport, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let text = self.text();
+            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{transport:?}: nothing logged contains {needle:?}; the log:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Node `id`'s identity issued by `issuer`, trusting the CA `trust`.
+fn identity(
+    trust: &CertificateAuthority,
+    issuer: &CertificateAuthority,
+    id: u64,
+    validity: Validity,
+) -> TlsConfig {
+    let node = issuer.issue(id, &[], validity).unwrap();
+    TlsConfig::from_pem(
+        trust.cert_pem().as_bytes(),
+        node.cert_pem.as_bytes(),
+        node.key_pem.as_bytes(),
+    )
+    .unwrap()
+}
+
+fn config(transport: Transport, tls: TlsConfig) -> Config {
+    Config::builder().transport(transport).tls(tls).build().unwrap()
+}
+
+async fn start(id: u64, config: Config) -> KvNode {
+    KvNode::start(id, demo::raft_config(), config, loopback())
+        .await
+        .unwrap()
+}
+
+/// One vote from node `local` (configured by `config`) to node `target` at `addr`, with
+/// `candidate` named in the vote.
+async fn vote_as(
+    config: Config,
+    local: u64,
+    target: u64,
+    addr: SocketAddr,
+    candidate: u64,
+    ttl: Duration,
+) -> Result<VoteResponse<KvConfig>, RPCError<KvConfig>> {
+    let mut factory = NetworkFactory::new(local, config);
+    let node = BasicNode {
+        addr: addr.to_string(),
+    };
+    let mut client = factory.new_client(target, &node).await;
+    let request = VoteRequest::new(openraft::impls::Vote::new(1, candidate), None);
+    client.vote(request, RPCOption::new(ttl)).await
+}
+
+/// A vote from `local` to `target`, speaking for itself.
+async fn vote(
+    config: Config,
+    local: u64,
+    target: u64,
+    addr: SocketAddr,
+) -> Result<VoteResponse<KvConfig>, RPCError<KvConfig>> {
+    vote_as(config, local, target, addr, local, Duration::from_secs(5)).await
+}
+
+/// The error of a call that must fail, as text (`Display` and `Debug` both, so that a check
+/// finds the reason wherever the error keeps it).
+fn refused(
+    transport: Transport,
+    what: &str,
+    result: Result<VoteResponse<KvConfig>, RPCError<KvConfig>>,
+) -> (RPCError<KvConfig>, String) {
+    match result {
+        Ok(resp) => panic!("{transport:?}: {what}: the call succeeded: {resp:?}"),
+        Err(err) => {
+            let text = format!("{err} | {err:?}");
+            eprintln!("{transport:?}: {what}: {text}");
+            (err, text)
+        }
+    }
+}
+
+/// A client the server refused during the handshake. Both transports report it as `Network`
+/// today: the client's side of a TLS 1.3 handshake completes before the server has checked the
+/// client certificate, so the refusal arrives on the first call, not while connecting.
+fn assert_unreachable_or_network(transport: Transport, what: &str, err: &RPCError<KvConfig>) {
+    assert!(
+        matches!(err, RPCError::Unreachable(_) | RPCError::Network(_)),
+        "{transport:?}: {what}: expected Unreachable or Network, got {err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_cluster_replicates() {
+    for transport in common::transports() {
+        let c = Cluster::voters(transport, 3).await;
+        assert!(
+            c.net.config(1).tls().is_some(),
+            "the test cluster runs without TLS"
+        );
+        let leader = c.node(1);
+        for i in 0..5 {
+            leader
+                .write(format!("key{i}"), format!("value{i}"))
+                .await
+                .unwrap();
+        }
+        let target = leader.sm.last_applied().unwrap().index;
+        for id in 2..=3 {
+            c.await_applied(id, target).await;
+        }
+        let reference = leader.sm.dump();
+        assert_eq!(reference.len(), 5, "{transport:?}");
+        for id in 2..=3 {
+            assert_eq!(
+                c.node(id).sm.dump(),
+                reference,
+                "{transport:?}: node {id} differs"
+            );
+        }
+        c.shutdown().await;
+    }
+}
+
+// A server refusing a client: the client sees the handshake fail (over gRPC the TLS alert, or
+// only a broken pipe when its first write races the alert), the server logs the reason. These
+// tests run on a current-thread runtime so that the server's log can be read (see `Logs`).
+#[tokio::test]
+async fn foreign_ca_is_refused_both_ways() {
+    let (logs, _guard) = Logs::capture();
+    for transport in common::transports() {
+        let ours = named_ca("raftwire cluster CA");
+        // Another CA, and an impostor that copies our CA's name (but not its key).
+        let (theirs, impostor) = (named_ca("some other CA"), named_ca("raftwire cluster CA"));
+        let valid = Validity::default();
+        let mut server = start(2, config(transport, identity(&ours, &ours, 2, valid))).await;
+        let addr = server.addr();
+
+        // The control: a client of our CA is served.
+        vote(config(transport, identity(&ours, &ours, 1, valid)), 1, 2, addr)
+            .await
+            .unwrap();
+
+        // A client whose identity another CA signed (it trusts ours): the server refuses it.
+        for (foreign, check) in [(&theirs, "UnknownIssuer"), (&impostor, "BadSignature")] {
+            logs.clear();
+            let client = config(transport, identity(&ours, foreign, 1, valid));
+            let what = format!("client with an identity from a foreign CA ({check})");
+            let (err, _) = refused(transport, &what, vote(client, 1, 2, addr).await);
+            assert_unreachable_or_network(transport, &what, &err);
+            let line = logs.line(transport, "refusing a client certificate").await;
+            assert!(line.contains(check), "{transport:?}: {what}: {line}");
+        }
+
+        // A server whose identity another CA signed: the client refuses it.
+        for (foreign, check) in [(&theirs, "UnknownIssuer"), (&impostor, "BadSignature")] {
+            let mut bad = start(2, config(transport, identity(&ours, foreign, 2, valid))).await;
+            let client = config(transport, identity(&ours, &ours, 1, valid));
+            let what = format!("server with an identity from a foreign CA ({check})");
+            let (err, text) = refused(transport, &what, vote(client, 1, 2, bad.addr()).await);
+            assert!(
+                matches!(err, RPCError::Unreachable(_)),
+                "{transport:?}: {what}: expected Unreachable, got {err:?}"
+            );
+            assert!(text.contains(check), "{transport:?}: {what}: {text}");
+            bad.stop().await.unwrap();
+        }
+        server.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn expired_and_not_yet_valid_certificates_are_refused() {
+    let (logs, _guard) = Logs::capture();
+    let days = time::Duration::days;
+    let cases = [
+        (
+            "expired",
+            Validity {
+                from: days(-2),
+                until: days(-1),
+            },
+            "certificate expired",
+        ),
+        (
+            "not yet valid",
+            Validity {
+                from: days(1),
+                until: days(2),
+            },
+            "certificate not valid yet",
+        ),
+    ];
+    for transport in common::transports() {
+        let ca = ca();
+        let good = Validity::default();
+        let mut server = start(2, config(transport, identity(&ca, &ca, 2, good))).await;
+        vote(
+            config(transport, identity(&ca, &ca, 1, good)),
+            1,
+            2,
+            server.addr(),
+        )
+        .await
+        .unwrap();
+        for (name, validity, check) in cases {
+            // As the server's identity: the client's own check names the reason.
+            let mut bad_server = start(2, config(transport, identity(&ca, &ca, 2, validity))).await;
+            let client = config(transport, identity(&ca, &ca, 1, good));
+            let what = format!("{name} server certificate");
+            let (err, text) = refused(transport, &what, vote(client, 1, 2, bad_server.addr()).await);
+            assert!(
+                matches!(err, RPCError::Unreachable(_)),
+                "{transport:?}: {what}: expected Unreachable, got {err:?}"
+            );
+            assert!(text.contains(check), "{transport:?}: {what}: {text}");
+            bad_server.stop().await.unwrap();
+
+            // As the client's identity: the server refuses it and logs why.
+            logs.clear();
+            let client = config(transport, identity(&ca, &ca, 1, validity));
+            let what = format!("{name} client certificate");
+            let (err, _) = refused(transport, &what, vote(client, 1, 2, server.addr()).await);
+            assert_unreachable_or_network(transport, &what, &err);
+            let line = logs.line(transport, "refusing a client certificate").await;
+            assert!(line.contains(check), "{transport:?}: {what}: {line}");
+        }
+        server.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_with_another_nodes_certificate_is_refused() {
+    for transport in common::transports() {
+        let ca = ca();
+        let good = Validity::default();
+        // Node 2, serving with node 3's certificate.
+        let mut server = start(2, config(transport, identity(&ca, &ca, 3, good))).await;
+        let client = config(transport, identity(&ca, &ca, 1, good));
+
+        // The control: a client that means to reach node 3 at that address is served.
+        vote(client.clone(), 1, 3, server.addr()).await.unwrap();
+
+        let what = "node 2 presenting node 3's certificate";
+        let (err, text) = refused(transport, what, vote(client, 1, 2, server.addr()).await);
+        assert!(
+            matches!(err, RPCError::Unreachable(_)),
+            "{transport:?}: {what}: expected Unreachable, got {err:?}"
+        );
+        // Today rustls shows the verifier's error in its `Debug` form
+        // (`WrongServer { expected: 2, presented: [3] }`); its `Display` form would read
+        // "expected node 2, the certificate presents [3]". Either names both nodes.
+        assert!(
+            (text.contains("expected: 2") || text.contains("expected node 2")) && text.contains("[3]"),
+            "{transport:?}: {what}: {text}"
+        );
+        server.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn allow_peers_refuses_other_nodes() {
+    let (logs, _guard) = Logs::capture();
+    for transport in common::transports() {
+        let ca = ca();
+        let good = Validity::default();
+        let tls = identity(&ca, &ca, 2, good).allow_peers([1]);
+        let mut server = start(2, config(transport, tls)).await;
+
+        vote(
+            config(transport, identity(&ca, &ca, 1, good)),
+            1,
+            2,
+            server.addr(),
+        )
+        .await
+        .unwrap();
+
+        logs.clear();
+        let client = config(transport, identity(&ca, &ca, 3, good));
+        let what = "node 3 calling a server that allows only node 1";
+        let (err, _) = refused(transport, what, vote(client, 3, 2, server.addr()).await);
+        assert_unreachable_or_network(transport, what, &err);
+        let line = logs.line(transport, "refusing a client").await;
+        assert!(
+            line.contains("node 3 is not among the peers this server accepts ({1})"),
+            "{transport:?}: {what}: {line}"
+        );
+        server.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_may_not_speak_for_another() {
+    for transport in common::transports() {
+        let ca = ca();
+        let good = Validity::default();
+        let mut server = start(2, config(transport, identity(&ca, &ca, 2, good))).await;
+        let client = config(transport, identity(&ca, &ca, 3, good));
+        let ttl = Duration::from_secs(5);
+
+        // The control: node 3 campaigning for itself is answered.
+        vote_as(client.clone(), 3, 2, server.addr(), 3, ttl)
+            .await
+            .unwrap();
+
+        let what = "node 3 asking votes for node 1";
+        let result = vote_as(client, 3, 2, server.addr(), 1, ttl).await;
+        let (err, text) = refused(transport, what, result);
+        assert!(
+            matches!(err, RPCError::Unreachable(_)),
+            "{transport:?}: {what}: expected Unreachable, got {err:?}"
+        );
+        assert!(
+            text.contains("belongs to node 3") && text.contains("speaks for node 1"),
+            "{transport:?}: {what}: {text}"
+        );
+        server.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_and_tls_do_not_mix_and_fail_fast() {
+    let ttl = Duration::from_secs(10);
+    for transport in common::transports() {
+        let plaintext = match Config::builder()
+            .transport(transport)
+            .insecure_plaintext()
+            .build()
+        {
+            Ok(config) => config,
+            Err(e) => {
+                // QUIC always encrypts: no plaintext client to try.
+                assert_ne!(
+                    transport,
+                    Transport::Grpc,
+                    "gRPC must allow the plaintext opt-in: {e}"
+                );
+                eprintln!("{transport:?}: no plaintext mode ({e})");
+                continue;
+            }
+        };
+        let ca = ca();
+        let good = Validity::default();
+        let mut tls_server = start(2, config(transport, identity(&ca, &ca, 2, good))).await;
+        let started = Instant::now();
+        let result = vote_as(plaintext.clone(), 1, 2, tls_server.addr(), 1, ttl).await;
+        let what = "plaintext client, TLS server";
+        let (err, _) = refused(transport, what, result);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{transport:?}: {what}: failed only after {:?}: {err:?}",
+            started.elapsed()
+        );
+        assert!(
+            !matches!(err, RPCError::Timeout(_)),
+            "{transport:?}: {what}: a timeout, not a clean failure: {err:?}"
+        );
+        tls_server.stop().await.unwrap();
+
+        // And the other way round.
+        let mut plain_server = start(2, plaintext).await;
+        let started = Instant::now();
+        let client = config(transport, identity(&ca, &ca, 1, good));
+        let result = vote_as(client, 1, 2, plain_server.addr(), 1, ttl).await;
+        let what = "TLS client, plaintext server";
+        let (err, _) = refused(transport, what, result);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{transport:?}: {what}: failed only after {:?}: {err:?}",
+            started.elapsed()
+        );
+        assert!(
+            !matches!(err, RPCError::Timeout(_)),
+            "{transport:?}: {what}: a timeout, not a clean failure: {err:?}"
+        );
+        plain_server.stop().await.unwrap();
+    }
+}
+
+#[test]
+fn bad_tls_material_is_reported_at_load_time() {
+    let ca = ca();
+    let valid = Validity::default();
+    let (one, two) = (ca.issue(1, &[], valid).unwrap(), ca.issue(2, &[], valid).unwrap());
+    let ca_pem = ca.cert_pem().as_bytes();
+
+    TlsConfig::from_pem(ca_pem, one.cert_pem.as_bytes(), one.key_pem.as_bytes()).unwrap();
+
+    let err = TlsConfig::from_pem(ca_pem, one.cert_pem.as_bytes(), two.key_pem.as_bytes()).unwrap_err();
+    assert!(matches!(err, TlsError::KeyMismatch(_)), "{err:?}");
+    assert!(err.to_string().contains("does not match"), "{err}");
+
+    // A key file that holds a certificate, not a key.
+    let err = TlsConfig::from_pem(ca_pem, one.cert_pem.as_bytes(), one.cert_pem.as_bytes()).unwrap_err();
+    assert!(
+        matches!(err, TlsError::Pem { what, .. } if what.contains("key")),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("private key"), "{err}");
+
+    // A certificate file that holds a key, not a certificate.
+    let err = TlsConfig::from_pem(ca_pem, one.key_pem.as_bytes(), one.key_pem.as_bytes()).unwrap_err();
+    assert!(
+        matches!(err, TlsError::Pem { what, .. } if what.contains("certificate")),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("no certificate found"), "{err}");
+
+    // A CA bundle that holds nothing.
+    let err = TlsConfig::from_pem(b"", one.cert_pem.as_bytes(), one.key_pem.as_bytes()).unwrap_err();
+    assert!(err.to_string().contains("CA bundle"), "{err}");
+
+    // A certificate without a node identity (a CA certificate has none).
+    let err = TlsConfig::from_pem(ca_pem, ca_pem, one.key_pem.as_bytes()).unwrap_err();
+    assert!(
+        matches!(err, TlsError::NodeId(ref ids) if ids.is_empty()),
+        "{err:?}"
+    );
+
+    // A file that is not there names the path.
+    let err = TlsConfig::from_pem_files("/nonexistent/ca.pem", "/nonexistent/n.pem", "/nonexistent/n.key")
+        .unwrap_err();
+    assert!(err.to_string().contains("/nonexistent/ca.pem"), "{err}");
+}
+
+/// The base64 lines of a PEM body, long enough to be unmistakable.
+fn pem_body_lines(pem: &str) -> Vec<&str> {
+    pem.lines()
+        .filter(|l| !l.starts_with("-----") && l.len() >= 16)
+        .collect()
+}
+
+fn assert_no_key(what: &str, debug: &str, key_pem: &str) {
+    assert!(!debug.contains("PRIVATE KEY"), "{what} prints a PEM key: {debug}");
+    let lines = pem_body_lines(key_pem);
+    assert!(!lines.is_empty(), "the key PEM has no body: {key_pem}");
+    for line in lines {
+        assert!(!debug.contains(line), "{what} prints key material: {debug}");
+        assert!(
+            !debug.contains(&line[..16]),
+            "{what} prints part of the key: {debug}"
+        );
+    }
+}
+
+#[test]
+fn debug_output_never_contains_a_key() {
+    let ca = ca();
+    let node: NodeCertificate = ca.issue(1, &[], Validity::default()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    ca.write(dir.path()).unwrap();
+    let ca_key = std::fs::read_to_string(dir.path().join("ca.key")).unwrap();
+
+    let tls = TlsConfig::from_pem(
+        ca.cert_pem().as_bytes(),
+        node.cert_pem.as_bytes(),
+        node.key_pem.as_bytes(),
+    )
+    .unwrap();
+    let debugs = [
+        ("TlsConfig", format!("{tls:?}"), &node.key_pem),
+        ("TlsConfig (alternate)", format!("{tls:#?}"), &node.key_pem),
+        ("NodeCertificate", format!("{node:?}"), &node.key_pem),
+        ("NodeCertificate (alternate)", format!("{node:#?}"), &node.key_pem),
+        ("CertificateAuthority", format!("{ca:?}"), &ca_key),
+        ("CertificateAuthority (alternate)", format!("{ca:#?}"), &ca_key),
+    ];
+    for (what, debug, key) in &debugs {
+        assert_no_key(what, debug, key);
+    }
+    // The redaction is visible rather than silent.
+    assert!(debugs[0].1.contains("redacted"), "{}", debugs[0].1);
+    assert!(debugs[2].1.contains("redacted"), "{}", debugs[2].1);
+
+    // Nor does a Config that carries the identity, on any transport.
+    for transport in common::transports() {
+        let config = config(transport, tls.clone());
+        assert_no_key(
+            &format!("{transport:?} Config"),
+            &format!("{config:?}"),
+            &node.key_pem,
+        );
+    }
+}
+
+fn raftwire(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_raftwire"))
+        .args(args)
+        .env("RAFTWIRE_LOG", "error")
+        .output()
+        .unwrap()
+}
+
+/// Runs `raftwire` and returns its stdout; panics unless it succeeded.
+fn raftwire_ok(args: &[&str]) -> String {
+    let out = raftwire(args);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "raftwire {args:?} failed ({}): {stdout}{stderr}",
+        out.status
+    );
+    stdout.into_owned()
+}
+
+/// Runs `raftwire` and returns its stderr; panics unless it failed.
+fn raftwire_fails(args: &[&str]) -> String {
+    let out = raftwire(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "raftwire {args:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(stderr.contains("error"), "raftwire {args:?}: {stderr}");
+    stderr
+}
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+fn inspect_json(path: &Path) -> serde_json::Value {
+    let line = raftwire_ok(&["certs", "inspect", path.to_str().unwrap(), "--json"]);
+    assert_eq!(line.trim().lines().count(), 1, "not one line: {line}");
+    serde_json::from_str(line.trim()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certs_command_makes_a_working_cluster() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    let d = dir.to_str().unwrap();
+
+    let stdout = raftwire_ok(&[
+        "certs",
+        "init",
+        "--out",
+        d,
+        "--nodes",
+        "1,2,3",
+        "--hosts",
+        "localhost,127.0.0.1",
+        "--days",
+        "30",
+    ]);
+    for file in ["ca.pem", "ca.key", "node-1.pem", "node-2.key", "node-3.pem"] {
+        assert!(stdout.contains(file), "init does not report {file}: {stdout}");
+    }
+    for file in ["ca.key", "node-1.key", "node-2.key", "node-3.key"] {
+        assert_eq!(mode(&dir.join(file)), 0o600, "{file}");
+    }
+    assert_eq!(
+        mode(&dir.join("node-1.pem")) & 0o077,
+        0o044,
+        "certificates are readable"
+    );
+
+    // A second init refuses, and leaves the CA alone.
+    let ca_before = std::fs::read(dir.join("ca.key")).unwrap();
+    let stderr = raftwire_fails(&["certs", "init", "--out", d, "--nodes", "1"]);
+    assert!(
+        stderr.contains("ca.key") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(dir.join("ca.key")).unwrap(), ca_before);
+
+    let info = inspect_json(&dir.join("node-2.pem"));
+    assert_eq!(info["node_id"], 2, "{info}");
+    assert_eq!(info["is_ca"], false, "{info}");
+    let sans: BTreeSet<&str> = info["sans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        sans,
+        BTreeSet::from(["DNS:node-2.raftwire", "DNS:localhost", "IP:127.0.0.1"]),
+        "{info}"
+    );
+    let ca_info = inspect_json(&dir.join("ca.pem"));
+    assert_eq!(ca_info["is_ca"], true, "{ca_info}");
+    assert_eq!(ca_info["node_id"], serde_json::Value::Null, "{ca_info}");
+    assert_eq!(info["issuer"], ca_info["subject"], "{info} {ca_info}");
+
+    let table = raftwire_ok(&["certs", "inspect", dir.join("node-1.pem").to_str().unwrap()]);
+    assert!(
+        table.contains("node-1.raftwire") && table.contains("valid ("),
+        "{table}"
+    );
+    let stderr = raftwire_fails(&["certs", "inspect", dir.join("node-1.key").to_str().unwrap()]);
+    assert!(stderr.contains("private key"), "{stderr}");
+    let stderr = raftwire_fails(&["certs", "inspect", dir.join("missing.pem").to_str().unwrap()]);
+    assert!(stderr.contains("missing.pem"), "{stderr}");
+
+    // One more node from the same CA; not twice.
+    let stdout = raftwire_ok(&[
+        "certs",
+        "add-node",
+        "--dir",
+        d,
+        "--node",
+        "4",
+        "--hosts",
+        "127.0.0.1",
+    ]);
+    assert!(stdout.contains("node-4.pem"), "{stdout}");
+    assert_eq!(mode(&dir.join("node-4.key")), 0o600);
+    assert_eq!(inspect_json(&dir.join("node-4.pem"))["node_id"], 4);
+    let stderr = raftwire_fails(&["certs", "add-node", "--dir", d, "--node", "4"]);
+    assert!(
+        stderr.contains("node-4.pem") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let stderr = raftwire_fails(&[
+        "certs",
+        "add-node",
+        "--dir",
+        empty.to_str().unwrap(),
+        "--node",
+        "5",
+    ]);
+    assert!(stderr.contains("ca.pem"), "{stderr}");
+
+    // Nodes 1, 2 (from init) and 4 (from add-node), loading their identities from the files.
+    for transport in common::transports() {
+        let ids = [1, 2, 4];
+        let mut nodes = BTreeMap::new();
+        for id in ids {
+            let tls = TlsConfig::from_pem_files(
+                dir.join("ca.pem"),
+                dir.join(format!("node-{id}.pem")),
+                dir.join(format!("node-{id}.key")),
+            )
+            .unwrap();
+            assert_eq!(tls.node_id(), id);
+            nodes.insert(id, start(id, config(transport, tls)).await);
+        }
+        let n1 = &nodes[&1];
+        demo::initialize_alone(n1).await.unwrap();
+        for id in [2, 4] {
+            n1.raft.add_learner(id, nodes[&id].node(), true).await.unwrap();
+        }
+        n1.raft
+            .change_membership(BTreeSet::from(ids), false)
+            .await
+            .unwrap();
+        n1.write("from-files", "replicated").await.unwrap();
+        let target = n1.sm.last_applied().unwrap().index;
+        for id in [2, 4] {
+            demo::await_applied(&nodes[&id], target).await.unwrap();
+            assert_eq!(
+                nodes[&id].sm.get("from-files").as_deref(),
+                Some(&b"replicated"[..]),
+                "{transport:?}: node {id}"
+            );
+        }
+        for (_, mut node) in nodes {
+            node.stop().await.unwrap();
+        }
+    }
+}
