@@ -351,20 +351,21 @@ impl Default for QuicTuning {
 mod tests {
     use super::*;
 
+    /// A builder with a valid identity, so every transport accepts it.
+    fn builder() -> ConfigBuilder {
+        let ca = crate::certs::CertificateAuthority::generate("config test CA").unwrap();
+        Config::builder().tls(ca.tls_config(1).unwrap())
+    }
+
     #[test]
     fn zero_window_is_refused_by_name() {
-        let err = Config::builder()
-            .insecure_plaintext()
-            .max_in_flight_requests(0)
-            .build()
-            .unwrap_err();
+        let err = builder().max_in_flight_requests(0).build().unwrap_err();
         assert!(err.to_string().contains("max_in_flight_requests"), "{err}");
     }
 
     #[test]
     fn chunk_must_fit_in_a_message() {
-        let err = Config::builder()
-            .insecure_plaintext()
+        let err = builder()
             .max_message_size(1 << 20)
             .snapshot_chunk_size(1 << 20)
             .build()
@@ -374,11 +375,7 @@ mod tests {
 
     #[test]
     fn rpc_timeout_caps_soft_ttl() {
-        let c = Config::builder()
-            .insecure_plaintext()
-            .rpc_timeout(Duration::from_millis(10))
-            .build()
-            .unwrap();
+        let c = builder().rpc_timeout(Duration::from_millis(10)).build().unwrap();
         assert_eq!(c.deadline(Duration::from_secs(1)), Duration::from_millis(10));
         assert_eq!(
             Config::defaults().deadline(Duration::from_secs(1)),
@@ -390,7 +387,22 @@ mod tests {
     fn tls_is_required_unless_plaintext_is_chosen() {
         let err = Config::builder().build().unwrap_err();
         assert!(err.to_string().contains("tls"), "{err}");
-        assert!(Config::builder().insecure_plaintext().build().is_ok());
+        #[cfg(feature = "grpc")]
+        assert!(
+            Config::builder()
+                .transport(Transport::Grpc)
+                .insecure_plaintext()
+                .build()
+                .is_ok()
+        );
+        #[cfg(feature = "quic")]
+        assert!(
+            Config::builder()
+                .transport(Transport::Quic)
+                .insecure_plaintext()
+                .build()
+                .is_err()
+        );
     }
 
     #[test]

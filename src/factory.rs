@@ -201,6 +201,8 @@ where
 pub struct Network<C, SD> {
     local_id: u64,
     target: u64,
+    /// Heartbeat streams get a higher priority on QUIC.
+    #[cfg_attr(not(feature = "quic"), allow(dead_code))]
     purpose: Purpose,
     config: Arc<Config>,
     lane: Lane,

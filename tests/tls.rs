@@ -425,8 +425,8 @@ async fn plaintext_and_tls_do_not_mix_and_fail_fast() {
             Err(e) => {
                 // QUIC always encrypts: no plaintext client to try.
                 assert_ne!(
-                    transport,
-                    Transport::Grpc,
+                    transport.name(),
+                    "grpc",
                     "gRPC must allow the plaintext opt-in: {e}"
                 );
                 eprintln!("{transport:?}: no plaintext mode ({e})");
