@@ -58,6 +58,9 @@ pub(crate) const VERSION: u8 = 1;
 /// Size of the frame header in bytes.
 pub(crate) const HEADER_LEN: usize = 18;
 
+/// How much of an announced body is reserved before any of it arrives.
+const EAGER_RESERVE: usize = 1 << 20;
+
 /// What a frame carries; the body layout follows from it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u8)]
@@ -307,15 +310,22 @@ impl FrameDecoder {
                     return Ok(None);
                 };
                 buf.advance(HEADER_LEN);
-                // The length passed the limit check: room for the rest of this frame only.
+                // The length passed the limit check. Reserve room for this frame only, and
+                // for a large one only a first part: a peer that announces 64 MiB and sends
+                // nothing must not make us hold 64 MiB.
                 let body_len = header.len as usize;
-                buf.reserve(body_len.saturating_sub(buf.len()));
+                buf.reserve(body_len.min(EAGER_RESERVE).saturating_sub(buf.len()));
                 self.state = DecodeState::Data(header);
                 header
             }
         };
         let body_len = header.len as usize;
         if buf.len() < body_len {
+            // Once the peer has really sent a good part, make room for the rest in one step
+            // (one copy of what is buffered, instead of repeated doubling).
+            if buf.len() >= EAGER_RESERVE && buf.capacity() < body_len {
+                buf.reserve(body_len - buf.len());
+            }
             return Ok(None);
         }
         let body = buf.split_to(body_len).freeze();

@@ -558,6 +558,25 @@ fn reserves_only_the_current_frame() {
 }
 
 #[test]
+fn a_large_announced_body_is_reserved_only_as_it_arrives() {
+    let max = 64 << 20;
+    let mut buf = raw_header(*b"RW", 1, Kind::SnapshotChunk as u8, 0, max as u32);
+    let mut decoder = FrameDecoder::new(max);
+    assert!(decoder.decode(&mut buf).unwrap().is_none());
+    assert!(
+        buf.capacity() <= 2 << 20,
+        "reserved {} bytes for nothing sent",
+        buf.capacity()
+    );
+    buf.extend_from_slice(&vec![0u8; 2 << 20]);
+    assert!(decoder.decode(&mut buf).unwrap().is_none());
+    assert!(
+        buf.capacity() >= max,
+        "the rest of a frame in progress is reserved at once"
+    );
+}
+
+#[test]
 fn unknown_kind() {
     for kind in [0u8, 13, 14, 16, 255] {
         let buf = raw_header(*b"RW", 1, kind, 0, 0);

@@ -1,0 +1,571 @@
+//! Hostile input on the QUIC port. The attacker is a raw quinn client holding a valid node
+//! certificate from the cluster CA (node 9), so it gets past mutual TLS and speaks bytes
+//! straight to the framing layer. Every bad stream must be answered with an error frame and
+//! closed, logged, and must leave both the server and the attacker's connection usable.
+#![cfg(feature = "quic")]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+use common::Net;
+use common::loopback;
+use openraft::RaftNetworkFactory;
+use openraft::impls::BasicNode;
+use openraft::network::RPCOption;
+use openraft::network::RaftNetworkV2;
+use openraft::raft::VoteRequest;
+use quinn::VarInt;
+use raftwire::Transport;
+use raftwire::Validity;
+use raftwire::demo;
+use raftwire::kv::KvConfig;
+use raftwire::kv::KvNode;
+use raftwire::kv::KvSnapshotData;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::pem::PemObject;
+
+const HEADER_LEN: usize = 18;
+const KIND_VOTE: u8 = 1;
+const KIND_VOTE_REPLY: u8 = 3;
+const KIND_SNAPSHOT_CHUNK: u8 = 9;
+const KIND_ERROR: u8 = 15;
+const BAD_REQUEST: u16 = 1;
+const TOO_LARGE: u16 = 2;
+const REFUSED: u16 = 3;
+const UNEXPECTED_KIND: u16 = 4;
+/// The server's default cap on concurrent bidirectional streams per connection.
+const MAX_STREAMS: usize = 256;
+
+/// How long any single answer from the server may take.
+const ANSWER: Duration = Duration::from_secs(3);
+
+/// A frame header: magic, `version`, `kind`, `flags`, body length `len`, request `id`.
+fn header(version: u8, kind: u8, flags: u16, len: u32, id: u64) -> Vec<u8> {
+    let mut h = Vec::with_capacity(HEADER_LEN);
+    h.extend_from_slice(b"RW");
+    h.push(version);
+    h.push(kind);
+    h.extend_from_slice(&flags.to_be_bytes());
+    h.extend_from_slice(&len.to_be_bytes());
+    h.extend_from_slice(&id.to_be_bytes());
+    h
+}
+
+/// A whole version-1 frame of `kind` around `body`.
+fn frame(kind: u8, id: u64, body: &[u8]) -> Vec<u8> {
+    let mut f = header(1, kind, 0, body.len() as u32, id);
+    f.extend_from_slice(body);
+    f
+}
+
+/// A vote body: vote (term, node id, committed), no last log id, no leadership transfer.
+fn vote_body(term: u64, node_id: u64) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&term.to_be_bytes());
+    b.extend_from_slice(&node_id.to_be_bytes());
+    b.extend_from_slice(&[0, 0, 0]);
+    b
+}
+
+/// `n` pseudo-random bytes (xorshift, fixed seed) that do not start with the magic.
+fn noise(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut out: Vec<u8> = (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    out[0] = 0xde;
+    out[1] = 0xad;
+    out
+}
+
+/// One frame as the server sent it, parsed by hand.
+#[derive(Debug)]
+struct Frame {
+    kind: u8,
+    request_id: u64,
+    body: Vec<u8>,
+}
+
+/// Parses `bytes` as exactly one well-formed frame.
+fn parse_frame(bytes: &[u8]) -> Frame {
+    assert!(
+        bytes.len() >= HEADER_LEN,
+        "the server sent {} bytes, less than a header: {bytes:02x?}",
+        bytes.len()
+    );
+    assert_eq!(&bytes[0..2], b"RW", "reply magic: {bytes:02x?}");
+    assert_eq!(bytes[2], 1, "reply version");
+    let flags = u16::from_be_bytes([bytes[4], bytes[5]]);
+    assert_eq!(flags, 0, "reply flags");
+    let len = u32::from_be_bytes(bytes[6..10].try_into().unwrap()) as usize;
+    assert_eq!(
+        bytes.len(),
+        HEADER_LEN + len,
+        "the reply holds exactly one frame of the announced length"
+    );
+    Frame {
+        kind: bytes[3],
+        request_id: u64::from_be_bytes(bytes[10..18].try_into().unwrap()),
+        body: bytes[HEADER_LEN..].to_vec(),
+    }
+}
+
+/// The (code, message) of the error frame in `bytes`.
+fn error_frame(bytes: &[u8]) -> (u16, String) {
+    let f = parse_frame(bytes);
+    assert_eq!(f.kind, KIND_ERROR, "expected an error frame, got {f:?}");
+    assert_eq!(f.request_id, 0, "refusals carry request id 0");
+    assert!(f.body.len() >= 2, "error body too short: {f:?}");
+    let code = u16::from_be_bytes([f.body[0], f.body[1]]);
+    let message = String::from_utf8(f.body[2..].to_vec()).expect("error message is UTF-8");
+    eprintln!("error frame: code {code}: {message}");
+    (code, message)
+}
+
+/// The rustls client config of a raw peer: node 9's certificate from the cluster CA.
+fn hostile_crypto(net: &Net) -> rustls::ClientConfig {
+    let cert = net.ca.issue(9, &[], Validity::default()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(net.ca.cert_pem().as_bytes()) {
+        roots.add(ca.unwrap()).unwrap();
+    }
+    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    crypto.alpn_protocols = vec![b"raftwire/1".to_vec()];
+    crypto
+}
+
+/// A node under attack, the attacker's connection and a well-behaved peer.
+struct Arena {
+    node: KvNode,
+    /// The attacker's endpoint (its address is what the server logs).
+    endpoint: quinn::Endpoint,
+    hostile: quinn::Connection,
+    honest: raftwire::Network<KvConfig, KvSnapshotData>,
+}
+
+impl Arena {
+    async fn new() -> Arena {
+        let net = Net::new(Transport::Quic);
+        let node = KvNode::start(1, demo::raft_config(), net.config(1), loopback())
+            .await
+            .unwrap();
+        demo::initialize_alone(&node).await.unwrap();
+        let addr = node.addr();
+
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(hostile_crypto(&net)).unwrap();
+        let client_config = quinn::ClientConfig::new(Arc::new(crypto));
+        let endpoint = quinn::Endpoint::client(loopback()).unwrap();
+        let hostile = tokio::time::timeout(
+            ANSWER,
+            endpoint
+                .connect_with(client_config, addr, "node-1.raftwire")
+                .unwrap(),
+        )
+        .await
+        .expect("QUIC handshake timed out")
+        .expect("a node certificate from the cluster CA is accepted");
+
+        let mut factory = raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2));
+        let honest = factory
+            .new_client(
+                1,
+                &BasicNode {
+                    addr: addr.to_string(),
+                },
+            )
+            .await;
+        Arena {
+            node,
+            endpoint,
+            hostile,
+            honest,
+        }
+    }
+
+    /// A well-behaved vote from node 2 still gets its answer.
+    async fn assert_serving(&mut self, after: &str) {
+        let request = VoteRequest::new(openraft::impls::Vote::new(1, 2), None);
+        let started = Instant::now();
+        let result = self
+            .honest
+            .vote(request, RPCOption::new(Duration::from_secs(2)))
+            .await;
+        match result {
+            Ok(resp) => assert_eq!(
+                resp.vote.leader_id.node_id, 1,
+                "after {after}: the vote is answered by node 1's own vote"
+            ),
+            Err(e) => panic!(
+                "after {after}: the server no longer serves a well-behaved peer ({:?}): {e:?}",
+                started.elapsed()
+            ),
+        }
+    }
+
+    /// Opens a stream on the hostile connection, writes `bytes` (then finishes if `finish`)
+    /// and returns everything the server sends back before it finishes its side.
+    async fn exchange(&self, bytes: &[u8], finish: bool) -> Vec<u8> {
+        exchange(&self.hostile, bytes, finish).await
+    }
+
+    async fn stop(mut self) {
+        self.hostile.close(VarInt::from_u32(0), b"done");
+        self.node.stop().await.unwrap();
+    }
+}
+
+async fn exchange(conn: &quinn::Connection, bytes: &[u8], finish: bool) -> Vec<u8> {
+    let (mut send, mut recv) = tokio::time::timeout(ANSWER, conn.open_bi())
+        .await
+        .expect("no stream credit: the server keeps refused streams open")
+        .expect("the hostile connection is still up");
+    send.write_all(bytes).await.unwrap();
+    if finish {
+        // The server may already have refused the stream and stopped reading; a finish that
+        // loses that race changes nothing here.
+        let _ = send.finish();
+    }
+    let reply = tokio::time::timeout(ANSWER, recv.read_to_end(64 << 10))
+        .await
+        .expect("the server did not answer a hostile stream in time")
+        .expect("the server answers with a frame and a clean finish, not a reset");
+    drop(send);
+    reply
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_are_refused_and_the_connection_survives() {
+    let mut arena = Arena::new().await;
+
+    let reply = arena.exchange(&noise(300), true).await;
+    let (code, message) = error_frame(&reply);
+    assert_eq!(code, BAD_REQUEST, "{message}");
+    assert!(
+        message.contains("magic") && message.contains("de, ad"),
+        "the refusal names the bad magic: {message}"
+    );
+    arena.assert_serving("random bytes").await;
+
+    // A refused stream is a stream-level error: the same connection still carries a real
+    // request. A vote from node 9 for itself at term 0 is well-formed and answered (and
+    // rejected by Raft: node 1 is at a later term).
+    let reply = arena
+        .exchange(&frame(KIND_VOTE, 77, &vote_body(0, 9)), true)
+        .await;
+    let f = parse_frame(&reply);
+    assert_eq!(f.kind, KIND_VOTE_REPLY, "{f:?}");
+    assert_eq!(f.request_id, 77, "the reply echoes the request id");
+    assert_eq!(f.body[17], 0, "a stale vote is not granted: {f:?}");
+
+    arena.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_length_is_refused_without_waiting_for_the_body() {
+    let mut arena = Arena::new().await;
+
+    // Header only, stream left open: the answer must come from the header alone.
+    let started = Instant::now();
+    let reply = arena.exchange(&header(1, KIND_VOTE, 0, u32::MAX, 5), false).await;
+    let (code, message) = error_frame(&reply);
+    assert_eq!(code, TOO_LARGE, "{message}");
+    assert!(
+        message.contains(&u32::MAX.to_string()) && message.contains("exceeds the limit"),
+        "the refusal names the length: {message}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "refused after {:?}",
+        started.elapsed()
+    );
+    arena.assert_serving("a u32::MAX body length").await;
+
+    // Just over the configured limit (64 MiB) is refused the same way.
+    let reply = arena
+        .exchange(&header(1, KIND_VOTE, 0, (64 << 20) + 1, 6), false)
+        .await;
+    let (code, message) = error_frame(&reply);
+    assert_eq!(code, TOO_LARGE, "{message}");
+    arena.assert_serving("a body length just over the limit").await;
+
+    arena.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kinds_versions_flags_and_bodies_are_refused() {
+    let mut arena = Arena::new().await;
+
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        (
+            "an unknown kind",
+            header(1, 200, 0, 0, 1),
+            "unknown frame kind 200",
+        ),
+        (
+            "an unknown version",
+            header(9, KIND_VOTE, 0, 0, 1),
+            "unsupported frame version 9",
+        ),
+        (
+            "reserved flags",
+            header(1, KIND_VOTE, 0x0100, 0, 1),
+            "reserved frame flags set: 0x0100",
+        ),
+        (
+            "a vote body that does not decode",
+            frame(KIND_VOTE, 1, &[1, 2, 3]),
+            "Vote frame does not decode",
+        ),
+        (
+            "a vote body with bytes left over",
+            frame(KIND_VOTE, 1, &[vote_body(0, 9), vec![0xff; 4]].concat()),
+            "left over",
+        ),
+    ];
+    for (what, bytes, needle) in cases {
+        let reply = arena.exchange(&bytes, true).await;
+        let (code, message) = error_frame(&reply);
+        assert_eq!(code, BAD_REQUEST, "{what}: {message}");
+        assert!(
+            message.contains(needle),
+            "{what}: the refusal {message:?} lacks {needle:?}"
+        );
+        arena.assert_serving(what).await;
+    }
+
+    // A certificate speaks for one node only: node 9 may not vote as node 2.
+    let reply = arena.exchange(&frame(KIND_VOTE, 3, &vote_body(5, 2)), true).await;
+    let (code, message) = error_frame(&reply);
+    assert_eq!(code, REFUSED, "{message}");
+    arena.assert_serving("a vote for another node").await;
+
+    arena.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cut_off_mid_frame_are_survived() {
+    let mut arena = Arena::new().await;
+
+    // A header for a 1000-byte vote, 10 bytes of it, then a reset.
+    let (mut send, mut recv) = arena.hostile.open_bi().await.unwrap();
+    let mut partial = header(1, KIND_VOTE, 0, 1000, 1);
+    partial.extend_from_slice(&[0; 10]);
+    send.write_all(&partial).await.unwrap();
+    send.reset(VarInt::from_u32(7)).unwrap();
+    let reply = tokio::time::timeout(ANSWER, recv.read_to_end(64 << 10))
+        .await
+        .expect("the server did not answer a reset stream in time");
+    match reply {
+        // The server's answer to a stream it can no longer read: an error frame naming the
+        // reset (the receive side is gone, the send side still works).
+        Ok(bytes) => {
+            let (code, message) = error_frame(&bytes);
+            assert_eq!(code, BAD_REQUEST, "{message}");
+            assert!(message.contains("reset"), "{message}");
+        }
+        Err(e) => panic!("the reset stream's reply side failed: {e}"),
+    }
+    arena.assert_serving("a stream reset mid-frame").await;
+
+    // The same, but finished cleanly inside the frame.
+    let reply = arena.exchange(&partial, true).await;
+    let (code, message) = error_frame(&reply);
+    assert_eq!(code, BAD_REQUEST, "{message}");
+    assert!(message.contains("ended inside a frame"), "{message}");
+    arena.assert_serving("a stream finished mid-frame").await;
+
+    // Half a header, finished.
+    let reply = arena.exchange(b"RW\x01", true).await;
+    let (code, message) = error_frame(&reply);
+    assert_eq!(code, BAD_REQUEST, "{message}");
+    assert!(message.contains("3 bytes"), "{message}");
+
+    // An empty stream is no request: it is finished without an answer.
+    let reply = arena.exchange(b"", true).await;
+    assert!(reply.is_empty(), "an empty stream got {reply:02x?}");
+    arena.assert_serving("an empty stream").await;
+
+    arena.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_flood_is_capped_and_survived() {
+    let mut arena = Arena::new().await;
+
+    // 2000 streams at once, one byte each, each held open waiting for an answer that only
+    // comes when the server gives up on the stream. QUIC's stream limit lets the attacker
+    // hold at most MAX_STREAMS of them; the rest wait for credit.
+    let opened = AtomicUsize::new(0);
+    let attacker = arena.hostile.clone();
+    let flood = {
+        let (conn, opened) = (&attacker, &opened);
+        futures::future::join_all((0..2000).map(|_| async move {
+            let (mut send, mut recv) = conn.open_bi().await.unwrap();
+            send.write_all(b"R").await.unwrap();
+            opened.fetch_add(1, Ordering::SeqCst);
+            let _ = recv.read_to_end(64 << 10).await;
+        }))
+    };
+    let flooded = tokio::time::timeout(Duration::from_secs(3), flood);
+    let honest = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        arena.assert_serving("(during) a flood of 2000 streams").await;
+    };
+    let (flooded, ()) = tokio::join!(flooded, honest);
+    assert!(
+        flooded.is_err(),
+        "the flood finished: the server answered half-headers early"
+    );
+    assert_eq!(
+        opened.load(Ordering::SeqCst),
+        MAX_STREAMS,
+        "the attacker held more (or fewer) streams than the server's cap"
+    );
+
+    // Dropping the flood finished its streams inside the first header: the server refuses
+    // each, which frees the credit, and the attacker's connection works again.
+    let reply = arena.exchange(&noise(64), true).await;
+    let (code, message) = error_frame(&reply);
+    assert_eq!(code, BAD_REQUEST, "{message}");
+    arena.assert_serving("a flood of 2000 streams").await;
+
+    arena.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reply_kinds_cannot_start_a_stream() {
+    let mut arena = Arena::new().await;
+
+    // A well-formed VoteReply: vote (term 1, node 9, not committed), not granted, no log id.
+    let mut vote_reply = vote_body(1, 9);
+    vote_reply.truncate(17);
+    vote_reply.extend_from_slice(&[0, 0]);
+    let mut error_body = 3u16.to_be_bytes().to_vec();
+    error_body.extend_from_slice(b"no");
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "a vote reply",
+            frame(KIND_VOTE_REPLY, 1, &vote_reply),
+            "VoteReply",
+        ),
+        ("an error frame", frame(KIND_ERROR, 1, &error_body), "Error"),
+        (
+            "a stray snapshot chunk",
+            frame(KIND_SNAPSHOT_CHUNK, 1, b"data"),
+            "SnapshotChunk",
+        ),
+    ];
+    for (what, bytes, kind) in cases {
+        let reply = arena.exchange(&bytes, true).await;
+        let (code, message) = error_frame(&reply);
+        assert_eq!(code, UNEXPECTED_KIND, "{what}: {message}");
+        assert!(
+            message.contains(&format!("cannot start with {kind}")),
+            "{what}: {message}"
+        );
+        arena.assert_serving(what).await;
+    }
+
+    arena.stop().await;
+}
+
+/// The WARN lines logged on this thread; the test reading them runs on a current-thread
+/// runtime, so the server's tasks log here too.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// The first line logged that contains every one of `needles`, waiting a little for it.
+    async fn line(&self, needles: &[&str]) -> String {
+        let deadline = Instant::now() + ANSWER;
+        loop {
+            let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
+            if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
+                return line.to_string();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line logged contains all of {needles:?}; the log:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn refusals_are_logged_with_the_peer_and_the_reason() {
+    let (logs, _guard) = Logs::capture();
+    let mut arena = Arena::new().await;
+
+    let reply = arena.exchange(&noise(300), true).await;
+    assert_eq!(error_frame(&reply).0, BAD_REQUEST);
+    let line = logs
+        .line(&["refusing a QUIC stream", "magic", "code=BadRequest"])
+        .await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("node=9"), "the line names the peer's node: {line}");
+    let port = arena.endpoint.local_addr().unwrap().port();
+    assert!(
+        line.contains(&format!("addr=127.0.0.1:{port}")),
+        "the line names the peer's address: {line}"
+    );
+
+    let (mut send, mut recv) = arena.hostile.open_bi().await.unwrap();
+    send.write_all(&header(1, KIND_VOTE, 0, 1000, 1)).await.unwrap();
+    send.reset(VarInt::from_u32(7)).unwrap();
+    let _ = tokio::time::timeout(ANSWER, recv.read_to_end(64 << 10)).await;
+    let line = logs.line(&["refusing a QUIC stream", "reset", "7"]).await;
+    assert!(line.contains("node=9"), "{line}");
+
+    let reply = arena.exchange(&header(1, KIND_VOTE, 0, u32::MAX, 1), false).await;
+    assert_eq!(error_frame(&reply).0, TOO_LARGE);
+    logs.line(&["refusing a QUIC stream", "code=TooLarge", "exceeds the limit"])
+        .await;
+
+    arena.assert_serving("logged refusals").await;
+    arena.stop().await;
+}
