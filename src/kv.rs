@@ -184,6 +184,8 @@ struct LogData {
     committed: Option<KvLogId>,
     last_purged: Option<KvLogId>,
     log: BTreeMap<u64, KvEntry>,
+    /// Benchmarks only: keep at most this many of the newest entries.
+    keep: Option<usize>,
 }
 
 /// In-memory Raft log. Clones share the same log, so a node can be restarted on it.
@@ -193,6 +195,15 @@ pub struct LogStore {
 }
 
 impl LogStore {
+    /// A log that forgets all but the newest `keep` entries: only for benchmarks that stream
+    /// entries at a follower that never commits them, so memory stays flat. Not a valid Raft
+    /// log for anything else.
+    pub fn bounded_for_benchmarks(keep: usize) -> Self {
+        let store = LogStore::default();
+        store.data().keep = Some(keep);
+        store
+    }
+
     fn data(&self) -> std::sync::MutexGuard<'_, LogData> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -250,6 +261,11 @@ impl RaftLogStorage<KvConfig> for LogStore {
             let mut d = self.data();
             for e in entries {
                 d.log.insert(e.log_id.index, e);
+            }
+            if let Some(keep) = d.keep {
+                while d.log.len() > keep {
+                    d.log.pop_first();
+                }
             }
         }
         // Memory is as durable as this store gets: the write is "flushed" once applied.
@@ -503,6 +519,18 @@ impl KvNode {
             None,
         )
         .await
+    }
+
+    /// Starts node `id` on the given stores (a restarted node's, or a benchmark's).
+    pub async fn start_with_stores(
+        id: u64,
+        raft_config: Arc<openraft::Config>,
+        net_config: Config,
+        addr: SocketAddr,
+        log: LogStore,
+        sm: StateMachine,
+    ) -> Result<KvNode, NodeError> {
+        Self::start_inner(id, raft_config, net_config, addr, log, sm, None).await
     }
 
     /// Starts node `id` like [`KvNode::start`], receiving snapshots through `sink` (tests use

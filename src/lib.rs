@@ -75,6 +75,7 @@ mod grpc;
 #[cfg(feature = "quic")]
 mod quic;
 
+pub mod bench;
 pub mod demo;
 pub mod kv;
 

@@ -47,6 +47,16 @@ enum Command {
         #[arg(long)]
         insecure_plaintext: bool,
     },
+    /// Measures the transports against raw TLS and in-process baselines (reduced matrix; the
+    /// full one is `cargo bench`).
+    Bench {
+        /// Run the reduced matrix (under two minutes). Required: the full matrix is `cargo bench`.
+        #[arg(long)]
+        quick: bool,
+        /// Print one JSON line instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Makes and inspects certificates for mutual TLS: a cluster CA and node certificates.
     Certs {
         #[command(subcommand)]
@@ -76,6 +86,13 @@ fn main() -> ExitCode {
     };
     match command {
         Command::Certs { .. } => unreachable!("handled above"),
+        Command::Bench { quick, json } => {
+            if !quick {
+                eprintln!("error: only `raftwire bench --quick` runs here; the full matrix is `cargo bench`");
+                return ExitCode::from(2);
+            }
+            bench_quick(&runtime, json)
+        }
         Command::Demo {
             transport,
             writes,
@@ -126,4 +143,77 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn bench_quick(runtime: &tokio::runtime::Runtime, json: bool) -> ExitCode {
+    let report = runtime.block_on(raftwire::bench::quick(|step| {
+        if !json {
+            eprintln!("==> measuring {step}");
+        }
+    }));
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            if json {
+                println!("{}", serde_json::json!({"ok": false, "error": e.to_string()}));
+            } else {
+                eprintln!("error: {e}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        match serde_json::to_string(&report) {
+            Ok(line) => println!("{line}"),
+            Err(e) => {
+                eprintln!("error: cannot encode the report: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    let mib = |b: f64| b / (1 << 20) as f64;
+    println!(
+        "{:<12} {:>14} {:>8} {:>12} {:>8} {:>10} {:>10} {:>8}",
+        "subject", "append MiB/s", "vs raw", "writes/s", "vs inproc", "hb p50 µs", "hb p99 µs", "vs raw"
+    );
+    println!(
+        "{:<12} {:>14.1} {:>8} {:>12} {:>8} {:>10.1} {:>10.1} {:>8}",
+        "raw-tls",
+        mib(report.raw_tls_bytes_per_sec),
+        "1.00",
+        "-",
+        "-",
+        report.raw_tls_ping_p50_us,
+        report.raw_tls_ping_p99_us,
+        "1.00"
+    );
+    println!(
+        "{:<12} {:>14.1} {:>8} {:>12.0} {:>8} {:>10} {:>10} {:>8}",
+        "in-process",
+        mib(report.in_process_bytes_per_sec),
+        "-",
+        report.in_process_writes_per_sec,
+        "1.00",
+        "-",
+        "-",
+        "-"
+    );
+    for (name, t) in &report.transports {
+        println!(
+            "{:<12} {:>14.1} {:>8.2} {:>12.0} {:>8.2} {:>10.1} {:>10.1} {:>8.2}",
+            name,
+            mib(t.append_16k_bytes_per_sec),
+            t.append_16k_vs_raw_tls,
+            t.writes_per_sec_256,
+            t.writes_vs_in_process,
+            t.heartbeat_p50_us,
+            t.heartbeat_p99_us,
+            t.heartbeat_p50_vs_raw
+        );
+    }
+    println!(
+        "append: pipelined 16 KiB entries, window 64; writes: 3 nodes, 256 writers, 256 B; hb: heartbeat round trip"
+    );
+    ExitCode::SUCCESS
 }

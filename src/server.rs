@@ -39,7 +39,8 @@ pub struct ServerBuilder<C: RaftWireConfig, SM: RaftStateMachine<C>> {
 impl Server {
     /// Starts configuring a server for `raft` with the same [`Config`] as the node's
     /// [`NetworkFactory`](crate::NetworkFactory). Incoming snapshots are received into
-    /// `SnapshotData::default()`; see [`ServerBuilder::snapshot_sink`] for other data types.
+    /// `SnapshotData::default()`; [`Server::builder_with_sink`] serves data types without a
+    /// default (a file per snapshot, say).
     pub fn builder<C, SM>(raft: Raft<C, SM>, config: Config) -> ServerBuilder<C, SM>
     where
         C: RaftWireConfig,
@@ -47,6 +48,24 @@ impl Server {
         SM::SnapshotData: SnapshotData + Default,
     {
         let sink = || async { Ok(SM::SnapshotData::default()) };
+        ServerBuilder {
+            raft,
+            config,
+            sink: Arc::new(sink),
+        }
+    }
+
+    /// Like [`Server::builder`], receiving incoming snapshots into what `sink` creates.
+    pub fn builder_with_sink<C, SM>(
+        raft: Raft<C, SM>,
+        config: Config,
+        sink: impl SnapshotSink<SM::SnapshotData>,
+    ) -> ServerBuilder<C, SM>
+    where
+        C: RaftWireConfig,
+        SM: RaftStateMachine<C>,
+        SM::SnapshotData: SnapshotData,
+    {
         ServerBuilder {
             raft,
             config,

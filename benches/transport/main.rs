@@ -1,0 +1,341 @@
+//! `cargo bench`: gRPC and QUIC under pipelined replication, framed by two baselines (a raw
+//! mutual-TLS TCP stream of the same bytes, and openraft over in-process channels).
+//!
+//! Groups: `rpc` (vote and heartbeat round trips, raw ping-pong), `append` (pipelined
+//! AppendEntries to one follower by entry size and window), `replication` (client writes on a
+//! 3-node cluster by concurrency and entry size), `snapshot` (64 MiB and 1 GiB snapshots from a
+//! file to a file, with the heap's peak growth during one transfer). Setup happens outside the timed calls
+//! (`iter_custom`); every transport gets the same window. After criterion's own reports, the
+//! comparison SVGs are written to `target/criterion/raftwire/` (see BENCHMARKS.md).
+//!
+//! `RAFTWIRE_BENCH_QUICK=1 cargo bench` runs a reduced matrix.
+
+mod summary;
+
+use std::alloc::GlobalAlloc;
+use std::alloc::Layout;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicIsize;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use criterion::BenchmarkId;
+use criterion::Criterion;
+use criterion::SamplingMode;
+use criterion::Throughput;
+use raftwire::bench::AppendBench;
+use raftwire::bench::ClusterBench;
+use raftwire::bench::RpcBench;
+use raftwire::bench::SnapshotBench;
+use raftwire::bench::Subject;
+use raftwire::bench::percentile;
+
+/// mimalloc, counting live heap bytes and their peak while `TRACK` is on (for the snapshot
+/// memory figures); off, it costs one relaxed load per allocation.
+struct Counting;
+
+static TRACK: AtomicBool = AtomicBool::new(false);
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+fn track(delta: isize) {
+    if TRACK.load(Ordering::Relaxed) {
+        let now = LIVE.fetch_add(delta, Ordering::Relaxed) + delta;
+        PEAK.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
+// SAFETY: every call is forwarded unchanged to mimalloc; only counters are added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { mimalloc::MiMalloc.alloc(layout) };
+        if !p.is_null() {
+            track(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { mimalloc::MiMalloc.alloc_zeroed(layout) };
+        if !p.is_null() {
+            track(layout.size() as isize);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { mimalloc::MiMalloc.dealloc(ptr, layout) };
+        track(-(layout.size() as isize));
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { mimalloc::MiMalloc.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            track(new_size as isize - layout.size() as isize);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+/// Runs `f` with heap tracking on; returns its result and the peak growth of live heap bytes
+/// (allocations made before, freed during, count as negative growth and are clamped away).
+fn peak_growth<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    LIVE.store(0, Ordering::SeqCst);
+    PEAK.store(0, Ordering::SeqCst);
+    TRACK.store(true, Ordering::SeqCst);
+    let out = f();
+    TRACK.store(false, Ordering::SeqCst);
+    (out, PEAK.load(Ordering::SeqCst).max(0) as u64)
+}
+
+/// p50/p99 of the individual operations, per benchmark id, for the summary.
+type Latencies = BTreeMap<String, Vec<Duration>>;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+}
+
+fn quick() -> bool {
+    std::env::var_os("RAFTWIRE_BENCH_QUICK").is_some()
+}
+
+fn rpc(c: &mut Criterion, rt: &tokio::runtime::Runtime, latencies: &mut Latencies) {
+    let mut group = c.benchmark_group("rpc");
+    for subject in Subject::transports() {
+        let mut bench = rt.block_on(RpcBench::start(subject)).expect("rpc setup");
+        let mut votes = Vec::new();
+        group.bench_function(BenchmarkId::new("vote", subject.name()), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let t = bench.vote().await.expect("vote");
+                        votes.push(t);
+                        total += t;
+                    }
+                    total
+                })
+            })
+        });
+        latencies.insert(format!("rpc/vote/{}", subject.name()), votes);
+        let mut beats = Vec::new();
+        group.bench_function(BenchmarkId::new("heartbeat", subject.name()), |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        let t = bench.heartbeat().await.expect("heartbeat");
+                        beats.push(t);
+                        total += t;
+                    }
+                    total
+                })
+            })
+        });
+        latencies.insert(format!("rpc/heartbeat/{}", subject.name()), beats);
+        rt.block_on(bench.stop());
+    }
+    let mut raw = rt.block_on(RpcBench::start(Subject::RawTls)).expect("raw setup");
+    let mut pings = Vec::new();
+    group.bench_function(BenchmarkId::new("ping-pong", "raw-tls"), |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let t = raw.vote().await.expect("ping");
+                    pings.push(t);
+                    total += t;
+                }
+                total
+            })
+        })
+    });
+    latencies.insert("rpc/ping-pong/raw-tls".into(), pings);
+    group.finish();
+}
+
+fn append(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    let mut group = c.benchmark_group("append");
+    let sizes: &[usize] = if quick() {
+        &[16 << 10]
+    } else {
+        &[64, 1 << 10, 16 << 10, 256 << 10]
+    };
+    let windows: &[usize] = if quick() { &[64] } else { &[1, 8, 64] };
+    let mut subjects = Subject::transports();
+    subjects.extend([Subject::RawTls, Subject::InProcess]);
+    for &size in sizes {
+        for &window in windows {
+            for &subject in &subjects {
+                let mut bench = rt
+                    .block_on(AppendBench::start(subject, size, window))
+                    .expect("append setup");
+                // About 8 MiB per timed run.
+                let requests = ((8usize << 20) / bench.bytes_per_request() as usize).max(8);
+                group.throughput(Throughput::Bytes(bench.bytes_per_request() * requests as u64));
+                group.bench_function(
+                    BenchmarkId::new(subject.name(), format!("{size}B-w{window}")),
+                    |b| {
+                        b.iter_custom(|iters| {
+                            rt.block_on(async {
+                                let mut total = Duration::ZERO;
+                                for _ in 0..iters {
+                                    total += bench.run(requests).await.expect("append");
+                                }
+                                total
+                            })
+                        })
+                    },
+                );
+                rt.block_on(bench.stop());
+            }
+        }
+    }
+    group.finish();
+}
+
+fn replication(c: &mut Criterion, rt: &tokio::runtime::Runtime, latencies: &mut Latencies) {
+    let mut group = c.benchmark_group("replication");
+    let sizes: &[usize] = if quick() { &[256] } else { &[256, 16 << 10] };
+    let writers: &[usize] = if quick() { &[256] } else { &[1, 64, 256] };
+    let mut subjects = Subject::transports();
+    subjects.push(Subject::InProcess);
+    for &subject in &subjects {
+        let cluster = rt.block_on(ClusterBench::start(subject)).expect("cluster setup");
+        for &size in sizes {
+            for &w in writers {
+                let writes = if w == 1 { 500 } else { 5_000 };
+                rt.block_on(cluster.run(writes / 5, w, size)).expect("warm-up");
+                let mut all = Vec::new();
+                group.throughput(Throughput::Elements(writes as u64));
+                group.bench_function(BenchmarkId::new(subject.name(), format!("{size}B-c{w}")), |b| {
+                    b.iter_custom(|iters| {
+                        rt.block_on(async {
+                            let mut total = Duration::ZERO;
+                            for _ in 0..iters {
+                                let run = cluster.run(writes, w, size).await.expect("writes");
+                                total += run.elapsed;
+                                all.extend(run.latencies);
+                            }
+                            total
+                        })
+                    })
+                });
+                latencies.insert(format!("replication/{}/{size}B-c{w}", subject.name()), all);
+            }
+        }
+        rt.block_on(cluster.stop());
+    }
+    group.finish();
+}
+
+fn snapshot(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> BTreeMap<String, u64> {
+    let mut memory = BTreeMap::new();
+    let mut group = c.benchmark_group("snapshot");
+    group.sampling_mode(SamplingMode::Flat).sample_size(10);
+    let sizes: &[(u64, &str)] = if quick() {
+        &[(64 << 20, "64MiB")]
+    } else {
+        &[(64 << 20, "64MiB"), (1 << 30, "1GiB")]
+    };
+    let mut subjects = Subject::transports();
+    subjects.push(Subject::RawTls);
+    for &(size, label) in sizes {
+        for &subject in &subjects {
+            let mut bench = rt
+                .block_on(SnapshotBench::start(subject, size))
+                .expect("snapshot setup");
+            rt.block_on(bench.run()).expect("snapshot warm-up");
+            let (probe, growth) = peak_growth(|| rt.block_on(bench.run()));
+            probe.expect("snapshot probe");
+            memory.insert(format!("snapshot/{}/{label}", subject.name()), growth);
+            group.throughput(Throughput::Bytes(size));
+            group.bench_function(BenchmarkId::new(subject.name(), label), |b| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            total += bench.run().await.expect("snapshot");
+                        }
+                        total
+                    })
+                })
+            });
+            rt.block_on(bench.stop());
+        }
+    }
+    group.finish();
+    memory
+}
+
+fn criterion_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("criterion")
+}
+
+fn write_latencies(latencies: &mut Latencies) -> std::io::Result<()> {
+    let mut out = serde_json::Map::new();
+    for (id, samples) in latencies.iter_mut() {
+        if samples.is_empty() {
+            continue;
+        }
+        let us = |d: Duration| d.as_secs_f64() * 1e6;
+        out.insert(
+            id.clone(),
+            serde_json::json!({"p50_us": us(percentile(samples, 50.0)), "p99_us": us(percentile(samples, 99.0))}),
+        );
+    }
+    let dir = criterion_dir();
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(
+        dir.join("raftwire-latency.json"),
+        serde_json::to_vec_pretty(&out)?,
+    )
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(if quick() { 1 } else { 3 }))
+        .configure_from_args();
+    let rt = runtime();
+    let mut latencies = Latencies::new();
+    rpc(&mut c, &rt, &mut latencies);
+    append(&mut c, &rt);
+    replication(&mut c, &rt, &mut latencies);
+    let memory = snapshot(&mut c, &rt);
+    c.final_summary();
+    let memory: serde_json::Map<String, serde_json::Value> = memory
+        .into_iter()
+        .map(|(id, bytes)| (id, serde_json::json!({"peak_growth_bytes": bytes})))
+        .collect();
+    let written = serde_json::to_vec_pretty(&memory)
+        .map_err(std::io::Error::other)
+        .and_then(|json| std::fs::write(criterion_dir().join("raftwire-memory.json"), json));
+    if let Err(e) = written {
+        eprintln!("cannot write the memory side file: {e}");
+    }
+    if let Err(e) = write_latencies(&mut latencies) {
+        eprintln!("cannot write the latency side file: {e}");
+    }
+    let dir = criterion_dir();
+    match summary::write_summary(&dir, &dir.join("raftwire")) {
+        Ok(files) => {
+            for f in files {
+                println!("summary chart: {}", f.display());
+            }
+        }
+        Err(e) => eprintln!("cannot write the summary charts: {e}"),
+    }
+}

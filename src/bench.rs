@@ -1,0 +1,1343 @@
+//! The benchmark harness behind `cargo bench` and `raftwire bench --quick`.
+//!
+//! Every subject is measured the same way, with setup (runtime, certificates, connections,
+//! warm-up) outside the timed calls, and every transport gets the same in-flight window:
+//! - [`AppendBench`]: pipelined AppendEntries to one follower;
+//! - [`RpcBench`]: one vote or one heartbeat round trip;
+//! - [`ClusterBench`]: client writes on a 3-node cluster, with per-write commit latency;
+//! - the baselines: [`Subject::RawTls`], the same bytes over a raw mutual-TLS TCP stream (the
+//!   floor a transport cannot beat), and [`Subject::InProcess`], openraft talking to itself
+//!   over in-process channels (openraft's ceiling without a network).
+
+use std::collections::BTreeSet;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::Stream;
+use futures::StreamExt;
+use openraft::EntryPayload;
+use openraft::RaftNetworkFactory;
+use openraft::alias::SnapshotOf;
+use openraft::alias::VoteOf;
+use openraft::base::BoxFuture;
+use openraft::base::BoxStream;
+use openraft::errors::RPCError;
+use openraft::errors::ReplicationClosed;
+use openraft::errors::StreamingError;
+use openraft::errors::Unreachable;
+use openraft::impls::BasicNode;
+use openraft::network::RPCOption;
+use openraft::network::RPCTypes;
+use openraft::network::RaftNetworkV2;
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::AppendEntriesResponse;
+use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
+use tokio::io::AsyncReadExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+
+use crate::CertificateAuthority;
+use crate::Config;
+use crate::Network;
+use crate::NetworkFactory;
+use crate::Transport;
+use crate::WireLeaderId;
+use crate::error::TransportError;
+use crate::kv::KvConfig;
+use crate::kv::KvNode;
+use crate::kv::KvRaft;
+use crate::kv::KvRequest;
+use crate::kv::KvSnapshotData;
+use crate::kv::LogStore;
+use crate::kv::NodeError;
+use crate::kv::StateMachine;
+use crate::pipeline;
+use crate::pipeline::RequestSink;
+
+/// What is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// A raftwire transport.
+    Transport(Transport),
+    /// The same bytes over a raw mutual-TLS TCP stream: the floor.
+    RawTls,
+    /// openraft over in-process channels, no encoding, no network: the ceiling.
+    InProcess,
+}
+
+impl Subject {
+    /// The name used in benchmark ids and reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Subject::Transport(t) => t.name(),
+            Subject::RawTls => "raw-tls",
+            Subject::InProcess => "in-process",
+        }
+    }
+
+    /// Every compiled transport.
+    pub fn transports() -> Vec<Subject> {
+        vec![
+            #[cfg(feature = "grpc")]
+            Subject::Transport(Transport::Grpc),
+            #[cfg(feature = "quic")]
+            Subject::Transport(Transport::Quic),
+        ]
+    }
+}
+
+/// A benchmark setup step that failed.
+#[derive(Debug, thiserror::Error)]
+#[error("benchmark {what}: {reason}")]
+pub struct BenchError {
+    what: String,
+    reason: String,
+}
+
+fn bench_err(what: impl Into<String>) -> impl FnOnce(String) -> BenchError {
+    let what = what.into();
+    move |reason| BenchError { what, reason }
+}
+
+impl From<NodeError> for BenchError {
+    fn from(e: NodeError) -> Self {
+        BenchError {
+            what: e.step,
+            reason: e.reason,
+        }
+    }
+}
+
+/// The node id the benchmark's own "leader" identity uses.
+const BENCH_LEADER: u64 = 100;
+const LOOPBACK: ([u8; 4], u16) = ([127, 0, 0, 1], 0);
+
+/// Certificates for every node of a benchmark.
+struct Pki {
+    ca: CertificateAuthority,
+}
+
+impl Pki {
+    fn new() -> Result<Pki, BenchError> {
+        let ca = CertificateAuthority::generate("raftwire bench CA")
+            .map_err(|e| bench_err("CA")(e.to_string()))?;
+        Ok(Pki { ca })
+    }
+
+    fn config(&self, id: u64, transport: Transport, window: usize) -> Result<Config, BenchError> {
+        let tls = self
+            .ca
+            .tls_config(id)
+            .map_err(|e| bench_err("certificates")(e.to_string()))?;
+        Config::builder()
+            .transport(transport)
+            .tls(tls)
+            .max_in_flight_requests(window)
+            .max_in_flight_bytes(usize::MAX / 2)
+            .build()
+            .map_err(|e| bench_err("config")(e.to_string()))
+    }
+}
+
+fn raft_config(snapshot_every: Option<u64>) -> Result<Arc<openraft::Config>, BenchError> {
+    let config = openraft::Config {
+        cluster_name: "raftwire-bench".into(),
+        heartbeat_interval: 200,
+        election_timeout_min: 1500,
+        election_timeout_max: 3000,
+        install_snapshot_timeout: 5000,
+        snapshot_policy: match snapshot_every {
+            Some(n) => openraft::SnapshotPolicy::LogsSinceLast(n),
+            None => openraft::SnapshotPolicy::Never,
+        },
+        max_in_snapshot_log_to_keep: 1000,
+        ..Default::default()
+    };
+    config
+        .validate()
+        .map(Arc::new)
+        .map_err(|e| bench_err("raft config")(e.to_string()))
+}
+
+fn option() -> RPCOption {
+    RPCOption::new(Duration::from_secs(20))
+}
+
+/// How many entries of `size` bytes one AppendEntries request carries: about 256 KiB per
+/// request, at most openraft's default `max_payload_entries` (300).
+pub fn entries_per_request(size: usize) -> usize {
+    ((256 << 10) / size.max(1)).clamp(1, 300)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipelined AppendEntries to one follower
+
+enum AppendTarget {
+    Net(Box<Network<KvConfig, KvSnapshotData>>),
+    InProcess(InProcessNetwork),
+    Raw(RawTlsClient),
+}
+
+/// Pipelined AppendEntries from a benchmark "leader" to one follower that never commits
+/// (its log keeps only the newest entries, so memory stays flat however long it runs).
+pub struct AppendBench {
+    target: AppendTarget,
+    follower: Option<KvNode>,
+    _raw: Option<RawTlsServer>,
+    value: Bytes,
+    per_request: usize,
+    next_index: u64,
+}
+
+impl AppendBench {
+    /// Starts a follower (or a raw TLS sink) and connects to it.
+    pub async fn start(
+        subject: Subject,
+        entry_size: usize,
+        window: usize,
+    ) -> Result<AppendBench, BenchError> {
+        let pki = Pki::new()?;
+        let per_request = entries_per_request(entry_size);
+        let value = Bytes::from(vec![0x5a; entry_size]);
+        let mut bench = AppendBench {
+            target: AppendTarget::Raw(RawTlsClient::placeholder()),
+            follower: None,
+            _raw: None,
+            value,
+            per_request,
+            next_index: 1,
+        };
+        match subject {
+            Subject::Transport(transport) => {
+                let config = pki.config(1, transport, window)?;
+                let log = LogStore::bounded_for_benchmarks(4 * per_request * window.max(1));
+                let follower = KvNode::start_with_stores(
+                    1,
+                    raft_config(None)?,
+                    config,
+                    LOOPBACK.into(),
+                    log,
+                    StateMachine::default(),
+                )
+                .await?;
+                let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(
+                    BENCH_LEADER,
+                    pki.config(BENCH_LEADER, transport, window)?,
+                );
+                let client = factory.new_client(1, &follower.node()).await;
+                bench.target = AppendTarget::Net(Box::new(client));
+                bench.follower = Some(follower);
+            }
+            Subject::InProcess => {
+                let log = LogStore::bounded_for_benchmarks(4 * per_request * window.max(1));
+                let router = InProcessRouter::default();
+                let raft = openraft::Raft::new(
+                    1,
+                    raft_config(None)?,
+                    router.factory(1, window),
+                    log,
+                    StateMachine::default(),
+                )
+                .await
+                .map_err(|e| bench_err("start in-process follower")(e.to_string()))?;
+                router.add(1, raft);
+                bench.target = AppendTarget::InProcess(router.network(BENCH_LEADER, 1, window));
+            }
+            Subject::RawTls => {
+                let server = RawTlsServer::start(&pki).await?;
+                let client = RawTlsClient::connect(&pki, server.addr, window).await?;
+                bench.target = AppendTarget::Raw(client);
+                bench._raw = Some(server);
+            }
+        }
+        // Warm up: connections, the follower's first vote change, allocator pools.
+        bench.run(4).await?;
+        Ok(bench)
+    }
+
+    /// Application bytes carried by one request.
+    pub fn bytes_per_request(&self) -> u64 {
+        (self.per_request * self.value.len()) as u64
+    }
+
+    fn request(&mut self) -> AppendEntriesRequest<KvConfig> {
+        let leader = WireLeaderId {
+            term: 1,
+            node_id: BENCH_LEADER,
+        };
+        let prev = (self.next_index > 1).then(|| openraft::LogId {
+            leader_id: leader,
+            index: self.next_index - 1,
+        });
+        let entries = (0..self.per_request as u64)
+            .map(|i| openraft::impls::Entry {
+                log_id: openraft::LogId {
+                    leader_id: leader,
+                    index: self.next_index + i,
+                },
+                payload: EntryPayload::Normal(KvRequest::Set {
+                    key: "k".into(),
+                    value: self.value.clone(),
+                }),
+            })
+            .collect();
+        self.next_index += self.per_request as u64;
+        AppendEntriesRequest {
+            vote: openraft::impls::Vote {
+                leader_id: leader,
+                committed: true,
+            },
+            prev_log_id: prev,
+            entries,
+            leader_commit: None,
+        }
+    }
+
+    /// Sends `requests` requests over one replication session and waits for every ack; the
+    /// returned time covers only that.
+    pub async fn run(&mut self, requests: usize) -> Result<Duration, BenchError> {
+        if let AppendTarget::Raw(client) = &mut self.target {
+            let bytes = self.per_request * (self.value.len() + 40);
+            return client.pipelined(requests, bytes).await;
+        }
+        let reqs: Vec<_> = (0..requests).map(|_| self.request()).collect();
+        let started = Instant::now();
+        let input = futures::stream::iter(reqs);
+        let mut acked = 0;
+        let mut replies = match &mut self.target {
+            AppendTarget::Net(client) => client.stream_append(input, option()).await,
+            AppendTarget::InProcess(client) => client.stream_append(input, option()).await,
+            AppendTarget::Raw(_) => unreachable!("handled above"),
+        }
+        .map_err(|e| bench_err("open a replication stream")(e.to_string()))?;
+        while let Some(reply) = replies.next().await {
+            match reply {
+                Ok(Ok(_)) => acked += 1,
+                other => return Err(bench_err("replication")(format!("{other:?}"))),
+            }
+        }
+        drop(replies);
+        if acked != requests {
+            return Err(bench_err("replication")(format!(
+                "{acked} of {requests} requests acknowledged"
+            )));
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Stops the follower.
+    pub async fn stop(mut self) {
+        if let Some(mut f) = self.follower.take() {
+            let _ = f.stop().await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Round trips
+
+/// One vote or one heartbeat (an empty one-request replication session on the heartbeat
+/// client, as openraft sends it) to a follower; or a small raw TLS ping-pong.
+pub struct RpcBench {
+    follower: Option<KvNode>,
+    client: Option<Network<KvConfig, KvSnapshotData>>,
+    heartbeat: Option<Network<KvConfig, KvSnapshotData>>,
+    raw: Option<(RawTlsServer, RawTlsClient)>,
+    term: u64,
+}
+
+impl RpcBench {
+    /// Starts a follower (or a raw TLS echo server) and connects to it.
+    pub async fn start(subject: Subject) -> Result<RpcBench, BenchError> {
+        let pki = Pki::new()?;
+        let mut bench = RpcBench {
+            follower: None,
+            client: None,
+            heartbeat: None,
+            raw: None,
+            term: 1,
+        };
+        match subject {
+            Subject::Transport(t) => {
+                let follower =
+                    KvNode::start(1, raft_config(None)?, pki.config(1, t, 64)?, LOOPBACK.into()).await?;
+                let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(
+                    BENCH_LEADER,
+                    pki.config(BENCH_LEADER, t, 64)?,
+                );
+                bench.client = Some(factory.new_client(1, &follower.node()).await);
+                bench.heartbeat = Some(factory.new_heartbeat_client(1, &follower.node()).await);
+                bench.follower = Some(follower);
+            }
+            Subject::RawTls => {
+                let server = RawTlsServer::start(&pki).await?;
+                let client = RawTlsClient::connect(&pki, server.addr, 1).await?;
+                bench.raw = Some((server, client));
+            }
+            Subject::InProcess => {
+                return Err(bench_err("rpc")("no in-process round trip is measured".into()));
+            }
+        }
+        for _ in 0..20 {
+            bench.vote().await?;
+            bench.heartbeat().await?;
+        }
+        Ok(bench)
+    }
+
+    /// One vote round trip.
+    pub async fn vote(&mut self) -> Result<Duration, BenchError> {
+        if let Some((_, raw)) = &mut self.raw {
+            return raw.ping(48).await;
+        }
+        let client = self
+            .client
+            .as_mut()
+            .ok_or_else(|| bench_err("vote")("no client".into()))?;
+        let req = VoteRequest::new(openraft::impls::Vote::new(self.term, BENCH_LEADER), None);
+        let started = Instant::now();
+        client
+            .vote(req, option())
+            .await
+            .map_err(|e| bench_err("vote")(e.to_string()))?;
+        Ok(started.elapsed())
+    }
+
+    /// One heartbeat round trip.
+    pub async fn heartbeat(&mut self) -> Result<Duration, BenchError> {
+        if let Some((_, raw)) = &mut self.raw {
+            return raw.ping(48).await;
+        }
+        let client = self
+            .heartbeat
+            .as_mut()
+            .ok_or_else(|| bench_err("heartbeat")("no client".into()))?;
+        let leader = WireLeaderId {
+            term: self.term,
+            node_id: BENCH_LEADER,
+        };
+        let req = AppendEntriesRequest::<KvConfig> {
+            vote: openraft::impls::Vote {
+                leader_id: leader,
+                committed: true,
+            },
+            prev_log_id: None,
+            entries: Vec::new(),
+            leader_commit: None,
+        };
+        let started = Instant::now();
+        let mut replies = client
+            .stream_append(futures::stream::iter([req]), option())
+            .await
+            .map_err(|e| bench_err("heartbeat")(e.to_string()))?;
+        match replies.next().await {
+            Some(Ok(_)) => {}
+            other => return Err(bench_err("heartbeat")(format!("{other:?}"))),
+        }
+        drop(replies);
+        Ok(started.elapsed())
+    }
+
+    /// Stops the follower.
+    pub async fn stop(mut self) {
+        if let Some(mut f) = self.follower.take() {
+            let _ = f.stop().await;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client writes on a 3-node cluster
+
+enum ClusterNodes {
+    Net(Vec<KvNode>),
+    InProcess(Vec<KvRaft>),
+}
+
+/// A 3-node cluster of the demo KV store (snapshots and log purges as configured for a long
+/// run), written to through its leader.
+pub struct ClusterBench {
+    nodes: ClusterNodes,
+    keys: Vec<String>,
+}
+
+/// What one batch of writes measured.
+#[derive(Debug, Clone)]
+pub struct WriteRun {
+    /// Wall time of the batch.
+    pub elapsed: Duration,
+    /// Commit latency of every write (client_write call to its response).
+    pub latencies: Vec<Duration>,
+}
+
+impl ClusterBench {
+    /// Starts 3 voters on `subject` (a transport with mTLS, or in-process channels).
+    pub async fn start(subject: Subject) -> Result<ClusterBench, BenchError> {
+        let raft_config = raft_config(Some(20_000))?;
+        let keys = (0..4096).map(|i| format!("key-{i:05}")).collect();
+        let nodes = match subject {
+            Subject::Transport(t) => {
+                let pki = Pki::new()?;
+                let mut nodes = Vec::new();
+                for id in 1..=3 {
+                    nodes.push(
+                        KvNode::start(id, raft_config.clone(), pki.config(id, t, 64)?, LOOPBACK.into())
+                            .await?,
+                    );
+                }
+                crate::demo::initialize_alone(&nodes[0]).await?;
+                for n in &nodes[1..] {
+                    nodes[0]
+                        .raft
+                        .add_learner(n.id, n.node(), true)
+                        .await
+                        .map_err(|e| bench_err("add learner")(e.to_string()))?;
+                }
+                nodes[0]
+                    .raft
+                    .change_membership(BTreeSet::from([1, 2, 3]), false)
+                    .await
+                    .map_err(|e| bench_err("membership")(e.to_string()))?;
+                ClusterNodes::Net(nodes)
+            }
+            Subject::InProcess => {
+                let router = InProcessRouter::default();
+                let mut rafts = Vec::new();
+                for id in 1..=3 {
+                    let raft = openraft::Raft::new(
+                        id,
+                        raft_config.clone(),
+                        router.factory(id, 64),
+                        LogStore::default(),
+                        StateMachine::default(),
+                    )
+                    .await
+                    .map_err(|e| bench_err("start in-process node")(e.to_string()))?;
+                    router.add(id, raft.clone());
+                    rafts.push(raft);
+                }
+                let members = (1..=3).map(|id| {
+                    (
+                        id,
+                        BasicNode {
+                            addr: format!("in-process:{id}"),
+                        },
+                    )
+                });
+                rafts[0]
+                    .initialize(members.collect::<std::collections::BTreeMap<_, _>>())
+                    .await
+                    .map_err(|e| bench_err("initialize")(e.to_string()))?;
+                rafts[0]
+                    .wait(Some(Duration::from_secs(10)))
+                    .metrics(|m| m.current_leader == Some(1), "leader")
+                    .await
+                    .map_err(|e| bench_err("initialize")(e.to_string()))?;
+                ClusterNodes::InProcess(rafts)
+            }
+            Subject::RawTls => return Err(bench_err("cluster")("no raw-TLS cluster".into())),
+        };
+        Ok(ClusterBench { nodes, keys })
+    }
+
+    fn leader(&self) -> &KvRaft {
+        match &self.nodes {
+            ClusterNodes::Net(nodes) => &nodes[0].raft,
+            ClusterNodes::InProcess(rafts) => &rafts[0],
+        }
+    }
+
+    /// Writes `writes` values of `size` bytes with `writers` concurrent writers.
+    pub async fn run(&self, writes: usize, writers: usize, size: usize) -> Result<WriteRun, BenchError> {
+        let value = Bytes::from(vec![0x42; size]);
+        let leader = self.leader();
+        let started = Instant::now();
+        let mut latencies = Vec::with_capacity(writes);
+        let mut stream = futures::stream::iter(0..writes)
+            .map(|i| {
+                let req = KvRequest::Set {
+                    key: self.keys[i % self.keys.len()].clone(),
+                    value: value.clone(),
+                };
+                async move {
+                    let t = Instant::now();
+                    leader.client_write(req).await.map(|_| t.elapsed())
+                }
+            })
+            .buffer_unordered(writers.max(1));
+        while let Some(r) = stream.next().await {
+            latencies.push(r.map_err(|e| bench_err("write")(e.to_string()))?);
+        }
+        Ok(WriteRun {
+            elapsed: started.elapsed(),
+            latencies,
+        })
+    }
+
+    /// Stops every node.
+    pub async fn stop(self) {
+        match self.nodes {
+            ClusterNodes::Net(nodes) => {
+                for mut n in nodes {
+                    let _ = n.stop().await;
+                }
+            }
+            ClusterNodes::InProcess(rafts) => {
+                for r in rafts {
+                    let _ = r.shutdown().await;
+                }
+            }
+        }
+    }
+}
+
+/// The `p`-th percentile (0..=100) of `samples`, by nearest rank.
+pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    samples.sort_unstable();
+    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+    samples[rank.clamp(1, samples.len()) - 1]
+}
+
+// ---------------------------------------------------------------------------------------------
+// The in-process network: openraft talking to itself over channels
+
+/// Raft handles by node id, shared by every in-process client.
+#[derive(Clone, Default)]
+struct InProcessRouter {
+    nodes: Arc<Mutex<HashMap<u64, KvRaft>>>,
+}
+
+impl InProcessRouter {
+    fn add(&self, id: u64, raft: KvRaft) {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, raft);
+    }
+
+    fn factory(&self, id: u64, window: usize) -> InProcessFactory {
+        InProcessFactory {
+            router: self.clone(),
+            id,
+            window,
+        }
+    }
+
+    fn network(&self, from: u64, target: u64, window: usize) -> InProcessNetwork {
+        InProcessNetwork {
+            router: self.clone(),
+            from,
+            target,
+            window,
+        }
+    }
+}
+
+struct InProcessFactory {
+    router: InProcessRouter,
+    id: u64,
+    window: usize,
+}
+
+impl RaftNetworkFactory<KvConfig> for InProcessFactory {
+    type Network = InProcessNetwork;
+
+    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> InProcessNetwork {
+        self.router.network(self.id, target, self.window)
+    }
+}
+
+struct InProcessNetwork {
+    router: InProcessRouter,
+    from: u64,
+    target: u64,
+    window: usize,
+}
+
+impl InProcessNetwork {
+    fn raft(&self) -> Result<KvRaft, RPCError<KvConfig>> {
+        let nodes = self.router.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.get(&self.target).cloned().ok_or_else(|| {
+            let e = TransportError::Connect {
+                addr: format!("in-process:{}", self.target),
+                reason: "no such node".into(),
+            };
+            RPCError::Unreachable(Unreachable::new(&e))
+        })
+    }
+
+    fn refused<E: std::fmt::Display>(&self, rpc: RPCTypes, e: E) -> RPCError<KvConfig> {
+        TransportError::Remote {
+            rpc,
+            reason: e.to_string(),
+        }
+        .into_rpc(self.from, self.target)
+    }
+}
+
+struct InProcessSink {
+    tx: Option<mpsc::Sender<AppendEntriesRequest<KvConfig>>>,
+}
+
+impl RequestSink<KvConfig> for InProcessSink {
+    async fn send(&mut self, req: AppendEntriesRequest<KvConfig>) -> Result<usize, TransportError> {
+        let closed = || TransportError::Broken {
+            rpc: RPCTypes::AppendEntries,
+            reason: "closed".into(),
+        };
+        let size = req.entries.len();
+        self.tx
+            .as_ref()
+            .ok_or_else(closed)?
+            .send(req)
+            .await
+            .map_err(|_| closed())?;
+        Ok(size)
+    }
+
+    fn finish(&mut self) {
+        self.tx = None;
+    }
+}
+
+impl RaftNetworkV2<KvConfig> for InProcessNetwork {
+    type SnapshotData = KvSnapshotData;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<KvConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<KvConfig>, RPCError<KvConfig>> {
+        self.raft()?
+            .append_entries(rpc)
+            .await
+            .map_err(|e| self.refused(RPCTypes::AppendEntries, e))
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<
+        's,
+        Result<BoxStream<'s, Result<StreamAppendResult<KvConfig>, RPCError<KvConfig>>>, RPCError<KvConfig>>,
+    >
+    where
+        S: Stream<Item = AppendEntriesRequest<KvConfig>> + Send + Unpin + 'static,
+    {
+        Box::pin(async move {
+            let raft = self.raft()?;
+            let (from, target) = (self.from, self.target);
+            let (tx, rx) = mpsc::channel(self.window.max(1));
+            let replies = raft
+                .stream_append(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .map(|r| {
+                    r.map_err(|e| TransportError::Remote {
+                        rpc: RPCTypes::AppendEntries,
+                        reason: e.to_string(),
+                    })
+                });
+            let window = pipeline::Window {
+                requests: self.window.max(1),
+                bytes: usize::MAX,
+            };
+            let out = pipeline::run(
+                input,
+                InProcessSink { tx: Some(tx) },
+                Box::pin(replies),
+                window,
+                option.soft_ttl(),
+                crate::stats::Stats::default(),
+            )
+            .map(move |r| r.map_err(|e| e.into_rpc(from, target)));
+            Ok(Box::pin(out) as BoxStream<'s, _>)
+        })
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<KvConfig>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<KvConfig>, RPCError<KvConfig>> {
+        self.raft()?
+            .vote(rpc)
+            .await
+            .map_err(|e| self.refused(RPCTypes::Vote, e))
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<KvConfig>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<KvConfig>, RPCError<KvConfig>> {
+        self.raft()?
+            .pre_vote(rpc)
+            .await
+            .map_err(|e| self.refused(RPCTypes::Vote, e))
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<KvConfig>,
+        snapshot: SnapshotOf<KvConfig, KvSnapshotData>,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<KvConfig>, StreamingError<KvConfig>> {
+        let raft = self.raft().map_err(|e| match e {
+            RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+            other => StreamingError::Unreachable(Unreachable::new(&other)),
+        })?;
+        tokio::select! {
+            r = raft.install_full_snapshot(vote, snapshot) => r.map_err(|e| {
+                TransportError::Remote { rpc: RPCTypes::InstallSnapshot, reason: e.to_string() }
+                    .into_streaming(self.from, self.target)
+            }),
+            closed = cancel => Err(StreamingError::Closed(closed)),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<KvConfig>,
+        _option: RPCOption,
+    ) -> Result<TransferLeaderResponse<KvConfig>, RPCError<KvConfig>> {
+        self.raft()?
+            .handle_transfer_leader(req)
+            .await
+            .map_err(|e| self.refused(RPCTypes::TransferLeader, e))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw mutual TLS over TCP: the floor
+
+/// A TLS server that reads length-prefixed messages and answers each with a 32-byte ack.
+struct RawTlsServer {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawTlsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+const RAW_ALPN: &[u8] = b"raftwire-bench-raw";
+
+impl RawTlsServer {
+    async fn start(pki: &Pki) -> Result<RawTlsServer, BenchError> {
+        let tls = pki
+            .ca
+            .tls_config(1)
+            .map_err(|e| bench_err("raw TLS")(e.to_string()))?;
+        let config = tls
+            .server_config(RAW_ALPN)
+            .map_err(|e| bench_err("raw TLS")(e.to_string()))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(LOOPBACK))
+            .await
+            .map_err(|e| bench_err("raw TLS")(e.to_string()))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| bench_err("raw TLS")(e.to_string()))?;
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let _ = tcp.set_nodelay(true);
+                    let Ok(stream) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let (mut rd, mut wr) = tokio::io::split(stream);
+                    let mut buf = vec![0u8; 1 << 20];
+                    loop {
+                        let Ok(len) = rd.read_u32().await else { return };
+                        let mut left = len as usize;
+                        while left > 0 {
+                            let n = left.min(buf.len());
+                            if rd.read_exact(&mut buf[..n]).await.is_err() {
+                                return;
+                            }
+                            left -= n;
+                        }
+                        if wr.write_all(&[0u8; 32]).await.is_err() || wr.flush().await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Ok(RawTlsServer { addr, task })
+    }
+}
+
+/// The client half of the raw TLS baseline.
+struct RawTlsClient {
+    stream: Option<Box<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>,
+    window: usize,
+}
+
+impl RawTlsClient {
+    fn placeholder() -> Self {
+        RawTlsClient {
+            stream: None,
+            window: 1,
+        }
+    }
+
+    async fn connect(pki: &Pki, addr: SocketAddr, window: usize) -> Result<RawTlsClient, BenchError> {
+        let tls = pki
+            .ca
+            .tls_config(BENCH_LEADER)
+            .map_err(|e| bench_err("raw TLS")(e.to_string()))?;
+        let config = tls
+            .client_config(1, RAW_ALPN)
+            .map_err(|e| bench_err("raw TLS")(e.to_string()))?;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| bench_err("raw TLS connect")(e.to_string()))?;
+        tcp.set_nodelay(true)
+            .map_err(|e| bench_err("raw TLS")(e.to_string()))?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(crate::tls::server_name(1), tcp)
+            .await
+            .map_err(|e| bench_err("raw TLS handshake")(e.to_string()))?;
+        Ok(RawTlsClient {
+            stream: Some(Box::new(stream)),
+            window: window.max(1),
+        })
+    }
+
+    /// One message of `size` bytes and its ack.
+    async fn ping(&mut self, size: usize) -> Result<Duration, BenchError> {
+        self.pipelined(1, size).await
+    }
+
+    /// `count` messages of `size` bytes with up to `window` unacknowledged, until every ack.
+    async fn pipelined(&mut self, count: usize, size: usize) -> Result<Duration, BenchError> {
+        let io = |e: std::io::Error| bench_err("raw TLS")(e.to_string());
+        let stream = self
+            .stream
+            .as_mut()
+            .ok_or_else(|| bench_err("raw TLS")("not connected".into()))?;
+        // The length prefix and the payload go out in one write, as a transport would.
+        let mut frame = Vec::with_capacity(4 + size);
+        frame.extend_from_slice(&(size as u32).to_be_bytes());
+        frame.resize(4 + size, 0x5a);
+        let mut ack = [0u8; 32];
+        let started = Instant::now();
+        let (mut sent, mut acked) = (0, 0);
+        while acked < count {
+            while sent < count && sent - acked < self.window {
+                stream.write_all(&frame).await.map_err(io)?;
+                sent += 1;
+            }
+            stream.flush().await.map_err(io)?;
+            stream.read_exact(&mut ack).await.map_err(io)?;
+            acked += 1;
+        }
+        Ok(started.elapsed())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Quick mode
+
+/// One transport's line of the quick report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuickTransport {
+    /// Pipelined 16 KiB-entry append throughput (window 64), bytes/s.
+    pub append_16k_bytes_per_sec: f64,
+    /// That throughput as a fraction of the raw TLS stream's.
+    pub append_16k_vs_raw_tls: f64,
+    /// Client writes/s of a 3-node cluster, 256 writers, 256 B entries.
+    pub writes_per_sec_256: f64,
+    /// Those writes/s as a fraction of the in-process cluster's.
+    pub writes_vs_in_process: f64,
+    /// Heartbeat round trip, median, µs.
+    pub heartbeat_p50_us: f64,
+    /// Heartbeat round trip, 99th percentile, µs.
+    pub heartbeat_p99_us: f64,
+    /// Median heartbeat as a multiple of the raw TLS ping-pong median.
+    pub heartbeat_p50_vs_raw: f64,
+}
+
+/// What `raftwire bench --quick` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QuickReport {
+    /// Per transport.
+    pub transports: std::collections::BTreeMap<&'static str, QuickTransport>,
+    /// Raw TLS 16 KiB-entry stream, bytes/s.
+    pub raw_tls_bytes_per_sec: f64,
+    /// Raw TLS ping-pong, median µs.
+    pub raw_tls_ping_p50_us: f64,
+    /// Raw TLS ping-pong, 99th percentile µs.
+    pub raw_tls_ping_p99_us: f64,
+    /// In-process cluster writes/s (256 writers, 256 B).
+    pub in_process_writes_per_sec: f64,
+    /// In-process append throughput (16 KiB entries, window 64), bytes/s.
+    pub in_process_bytes_per_sec: f64,
+}
+
+/// Median of several timed runs of `requests` appends: bytes/s.
+async fn append_rate(subject: Subject, requests: usize, rounds: usize) -> Result<f64, BenchError> {
+    let mut bench = AppendBench::start(subject, 16 << 10, 64).await?;
+    let mut rates = Vec::new();
+    for _ in 0..rounds {
+        let t = bench.run(requests).await?;
+        rates.push(bench.bytes_per_request() as f64 * requests as f64 / t.as_secs_f64());
+    }
+    bench.stop().await;
+    rates.sort_by(f64::total_cmp);
+    Ok(rates[rates.len() / 2])
+}
+
+async fn write_rate(subject: Subject, writes: usize) -> Result<f64, BenchError> {
+    let cluster = ClusterBench::start(subject).await?;
+    cluster.run(writes / 4, 256, 256).await?; // warm-up
+    let run = cluster.run(writes, 256, 256).await?;
+    cluster.stop().await;
+    Ok(writes as f64 / run.elapsed.as_secs_f64())
+}
+
+/// Heartbeat (or raw ping-pong) round trips: (p50, p99) in µs.
+async fn heartbeat_latency(subject: Subject, samples: usize) -> Result<(f64, f64), BenchError> {
+    let mut bench = RpcBench::start(subject).await?;
+    let mut times = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        times.push(bench.heartbeat().await?);
+    }
+    bench.stop().await;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    Ok((us(percentile(&mut times, 50.0)), us(percentile(&mut times, 99.0))))
+}
+
+/// The reduced matrix of `raftwire bench --quick`: well under two minutes.
+pub async fn quick(mut progress: impl FnMut(&str)) -> Result<QuickReport, BenchError> {
+    let (requests, rounds, writes, samples) = (512, 7, 100_000, 2_000);
+    progress("raw TLS baseline");
+    let raw_rate = append_rate(Subject::RawTls, requests, rounds).await?;
+    let (raw_p50, raw_p99) = heartbeat_latency(Subject::RawTls, samples).await?;
+    progress("in-process baseline");
+    let in_process_rate = append_rate(Subject::InProcess, requests, rounds).await?;
+    let in_process_writes = write_rate(Subject::InProcess, writes).await?;
+    let mut transports = std::collections::BTreeMap::new();
+    for subject in Subject::transports() {
+        progress(subject.name());
+        let rate = append_rate(subject, requests, rounds).await?;
+        let writes_per_sec = write_rate(subject, writes).await?;
+        let (p50, p99) = heartbeat_latency(subject, samples).await?;
+        transports.insert(
+            subject.name(),
+            QuickTransport {
+                append_16k_bytes_per_sec: rate,
+                append_16k_vs_raw_tls: rate / raw_rate,
+                writes_per_sec_256: writes_per_sec,
+                writes_vs_in_process: writes_per_sec / in_process_writes,
+                heartbeat_p50_us: p50,
+                heartbeat_p99_us: p99,
+                heartbeat_p50_vs_raw: p50 / raw_p50,
+            },
+        );
+    }
+    Ok(QuickReport {
+        transports,
+        raw_tls_bytes_per_sec: raw_rate,
+        raw_tls_ping_p50_us: raw_p50,
+        raw_tls_ping_p99_us: raw_p99,
+        in_process_writes_per_sec: in_process_writes,
+        in_process_bytes_per_sec: in_process_rate,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots
+
+/// A state machine that keeps no data, for snapshot benchmarks: it applies entries (answering
+/// each with an empty response) and, on a snapshot install, only records its size. Its
+/// snapshot data is a file, so a snapshot of any size streams with bounded memory.
+#[derive(Clone, Default)]
+pub struct BlobStateMachine {
+    inner: Arc<Mutex<BlobState>>,
+}
+
+#[derive(Default)]
+struct BlobState {
+    last_applied: Option<openraft::LogId<WireLeaderId>>,
+    membership: openraft::StoredMembership<WireLeaderId, u64, BasicNode>,
+    installed_bytes: u64,
+}
+
+type BlobSnapshot = openraft::Snapshot<WireLeaderId, u64, BasicNode, tokio::fs::File>;
+type BlobMeta = openraft::SnapshotMeta<WireLeaderId, u64, BasicNode>;
+
+impl BlobStateMachine {
+    fn state(&self) -> std::sync::MutexGuard<'_, BlobState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes of every snapshot installed so far.
+    pub fn installed_bytes(&self) -> u64 {
+        self.state().installed_bytes
+    }
+}
+
+impl openraft::RaftSnapshotBuilder<KvConfig> for BlobStateMachine {
+    type SnapshotData = tokio::fs::File;
+
+    async fn build_snapshot(&mut self) -> Result<BlobSnapshot, std::io::Error> {
+        // This state machine holds no data: its snapshot is an empty file.
+        let file = tokio::fs::File::from_std(tempfile::tempfile()?);
+        let s = self.state();
+        Ok(openraft::Snapshot {
+            meta: BlobMeta {
+                last_log_id: s.last_applied,
+                last_membership: s.membership.clone(),
+            },
+            snapshot: file,
+        })
+    }
+}
+
+impl openraft::storage::RaftStateMachine<KvConfig> for BlobStateMachine {
+    type SnapshotData = tokio::fs::File;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<
+        (
+            Option<openraft::LogId<WireLeaderId>>,
+            openraft::StoredMembership<WireLeaderId, u64, BasicNode>,
+        ),
+        std::io::Error,
+    > {
+        let s = self.state();
+        Ok((s.last_applied, s.membership.clone()))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), std::io::Error>
+    where
+        Strm:
+            Stream<Item = Result<openraft::storage::EntryResponder<KvConfig>, std::io::Error>> + Unpin + Send,
+    {
+        use futures::TryStreamExt;
+        while let Some((entry, responder)) = entries.try_next().await? {
+            {
+                let mut s = self.state();
+                s.last_applied = Some(entry.log_id);
+                if let EntryPayload::Membership(m) = entry.payload {
+                    s.membership = openraft::StoredMembership::new(Some(entry.log_id), m);
+                }
+            }
+            if let Some(r) = responder {
+                r.send(crate::kv::KvResponse::default());
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &BlobMeta,
+        snapshot: tokio::fs::File,
+    ) -> Result<(), std::io::Error> {
+        let size = snapshot.metadata().await?.len();
+        let mut s = self.state();
+        s.installed_bytes += size;
+        s.last_applied = meta.last_log_id;
+        s.membership = meta.last_membership.clone();
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<BlobSnapshot>, std::io::Error> {
+        // Installed snapshots are counted, not kept: there is none to serve.
+        Ok(None)
+    }
+}
+
+enum SnapshotTarget {
+    Net {
+        client: Box<Network<KvConfig, tokio::fs::File>>,
+        receiver: openraft::Raft<KvConfig, BlobStateMachine>,
+        sm: BlobStateMachine,
+        server: Option<crate::Server>,
+    },
+    /// The server is held only to keep it running.
+    Raw {
+        _server: RawTlsServer,
+        client: RawTlsClient,
+    },
+}
+
+/// A whole snapshot of `size` bytes, read from a file, sent to a receiver that writes it to a
+/// file; or the same bytes over raw TLS.
+pub struct SnapshotBench {
+    target: SnapshotTarget,
+    dir: tempfile::TempDir,
+    size: u64,
+    next_index: u64,
+}
+
+impl SnapshotBench {
+    /// Writes a `size`-byte snapshot file and starts the receiver.
+    pub async fn start(subject: Subject, size: u64) -> Result<SnapshotBench, BenchError> {
+        let io = |e: std::io::Error| bench_err("snapshot file")(e.to_string());
+        let dir = tempfile::tempdir().map_err(io)?;
+        {
+            let mut f = tokio::fs::File::create(dir.path().join("snapshot"))
+                .await
+                .map_err(io)?;
+            let block = vec![0xa5u8; 1 << 20];
+            let mut left = size;
+            while left > 0 {
+                let n = left.min(block.len() as u64) as usize;
+                f.write_all(&block[..n]).await.map_err(io)?;
+                left -= n as u64;
+            }
+            f.flush().await.map_err(io)?;
+        }
+        let pki = Pki::new()?;
+        let target = match subject {
+            Subject::Transport(t) => {
+                let sm = BlobStateMachine::default();
+                let config = pki.config(1, t, 64)?;
+                let network = NetworkFactory::<KvConfig, tokio::fs::File>::new(1, config.clone());
+                let receiver =
+                    openraft::Raft::new(1, raft_config(None)?, network, LogStore::default(), sm.clone())
+                        .await
+                        .map_err(|e| bench_err("start receiver")(e.to_string()))?;
+                let recv_dir = dir.path().to_path_buf();
+                let sink = move || {
+                    let dir = recv_dir.clone();
+                    async move { tempfile::tempfile_in(dir).map(tokio::fs::File::from_std) }
+                };
+                let server = crate::Server::builder_with_sink(receiver.clone(), config, sink)
+                    .bind(LOOPBACK.into())
+                    .await
+                    .map_err(|e| bench_err("start receiver")(e.to_string()))?;
+                let node = BasicNode {
+                    addr: server.local_addr().to_string(),
+                };
+                let mut factory = NetworkFactory::<KvConfig, tokio::fs::File>::new(
+                    BENCH_LEADER,
+                    pki.config(BENCH_LEADER, t, 64)?,
+                );
+                let client = Box::new(factory.new_snapshot_client(1, &node).await);
+                SnapshotTarget::Net {
+                    client,
+                    receiver,
+                    sm,
+                    server: Some(server),
+                }
+            }
+            Subject::RawTls => {
+                let server = RawTlsServer::start(&pki).await?;
+                let client = RawTlsClient::connect(&pki, server.addr, 64).await?;
+                SnapshotTarget::Raw {
+                    _server: server,
+                    client,
+                }
+            }
+            Subject::InProcess => {
+                return Err(bench_err("snapshot")("no in-process snapshot is measured".into()));
+            }
+        };
+        Ok(SnapshotBench {
+            target,
+            dir,
+            size,
+            next_index: 1,
+        })
+    }
+
+    /// Sends the whole snapshot once; the time covers the transfer and the receiver's answer.
+    pub async fn run(&mut self) -> Result<Duration, BenchError> {
+        match &mut self.target {
+            SnapshotTarget::Raw { client, .. } => {
+                let chunk = 1usize << 20;
+                client
+                    .pipelined((self.size as usize).div_ceil(chunk), chunk)
+                    .await
+            }
+            SnapshotTarget::Net { client, sm, .. } => {
+                let file = tokio::fs::File::open(self.dir.path().join("snapshot"))
+                    .await
+                    .map_err(|e| bench_err("snapshot file")(e.to_string()))?;
+                let leader = WireLeaderId {
+                    term: 1,
+                    node_id: BENCH_LEADER,
+                };
+                let log_id = openraft::LogId {
+                    leader_id: leader,
+                    index: self.next_index,
+                };
+                self.next_index += 1;
+                let membership = openraft::Membership::new_with_defaults(
+                    vec![BTreeSet::from([BENCH_LEADER])],
+                    [BENCH_LEADER],
+                );
+                let meta = BlobMeta {
+                    last_log_id: Some(log_id),
+                    last_membership: openraft::StoredMembership::new(Some(log_id), membership),
+                };
+                let vote = openraft::impls::Vote {
+                    leader_id: leader,
+                    committed: true,
+                };
+                let before = sm.installed_bytes();
+                let started = Instant::now();
+                client
+                    .full_snapshot(
+                        vote,
+                        openraft::Snapshot { meta, snapshot: file },
+                        std::future::pending(),
+                        option(),
+                    )
+                    .await
+                    .map_err(|e| bench_err("snapshot")(e.to_string()))?;
+                let elapsed = started.elapsed();
+                let installed = sm.installed_bytes() - before;
+                if installed != self.size {
+                    return Err(bench_err("snapshot")(format!(
+                        "{installed} of {} bytes installed",
+                        self.size
+                    )));
+                }
+                Ok(elapsed)
+            }
+        }
+    }
+
+    /// Stops the receiver and removes the files.
+    pub async fn stop(self) {
+        if let SnapshotTarget::Net {
+            receiver, mut server, ..
+        } = self.target
+        {
+            if let Some(s) = server.take() {
+                let _ = s.shutdown().await;
+            }
+            let _ = receiver.shutdown().await;
+        }
+    }
+}
