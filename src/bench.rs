@@ -136,12 +136,23 @@ impl Pki {
     }
 
     fn config(&self, id: u64, transport: Transport, window: usize) -> Result<Config, BenchError> {
+        self.tuned(id, transport, window, crate::QuicTuning::default())
+    }
+
+    fn tuned(
+        &self,
+        id: u64,
+        transport: Transport,
+        window: usize,
+        quic: crate::QuicTuning,
+    ) -> Result<Config, BenchError> {
         let tls = self
             .ca
             .tls_config(id)
             .map_err(|e| bench_err("certificates")(e.to_string()))?;
         Config::builder()
             .transport(transport)
+            .quic(quic)
             .tls(tls)
             .max_in_flight_requests(window)
             .max_in_flight_bytes(usize::MAX / 2)
@@ -207,6 +218,16 @@ impl AppendBench {
         entry_size: usize,
         window: usize,
     ) -> Result<AppendBench, BenchError> {
+        Self::start_tuned(subject, entry_size, window, crate::QuicTuning::default()).await
+    }
+
+    /// Like [`AppendBench::start`], with QUIC tuning other than the defaults on both ends.
+    pub async fn start_tuned(
+        subject: Subject,
+        entry_size: usize,
+        window: usize,
+        tuning: crate::QuicTuning,
+    ) -> Result<AppendBench, BenchError> {
         let pki = Pki::new()?;
         let per_request = entries_per_request(entry_size);
         let value = Bytes::from(vec![0x5a; entry_size]);
@@ -220,7 +241,7 @@ impl AppendBench {
         };
         match subject {
             Subject::Transport(transport) => {
-                let config = pki.config(1, transport, window)?;
+                let config = pki.tuned(1, transport, window, tuning.clone())?;
                 let log = LogStore::bounded_for_benchmarks(4 * per_request * window.max(1));
                 let follower = KvNode::start_with_stores(
                     1,
@@ -231,10 +252,9 @@ impl AppendBench {
                     StateMachine::default(),
                 )
                 .await?;
-                let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(
-                    BENCH_LEADER,
-                    pki.config(BENCH_LEADER, transport, window)?,
-                );
+                let leader_config = pki.tuned(BENCH_LEADER, transport, window, tuning)?;
+                let mut factory =
+                    NetworkFactory::<KvConfig, KvSnapshotData>::new(BENCH_LEADER, leader_config);
                 let client = factory.new_client(1, &follower.node()).await;
                 bench.target = AppendTarget::Net(Box::new(client));
                 bench.follower = Some(follower);

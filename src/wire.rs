@@ -106,3 +106,57 @@ where
             .map_err(|e| DecodeError::invalid("json", e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_travel_without_a_copy() {
+        let b = Bytes::from(vec![1u8; 4096]);
+        let wire = b.encode().unwrap();
+        assert_eq!(wire.as_ptr(), b.as_ptr());
+        let back = Bytes::decode(wire.clone()).unwrap();
+        assert_eq!(back.as_ptr(), wire.as_ptr());
+    }
+
+    #[test]
+    fn json_adapter_round_trips_and_refuses_garbage() {
+        #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Cmd {
+            key: String,
+            n: u32,
+        }
+        let v = Json(Cmd {
+            key: "a".into(),
+            n: 7,
+        });
+        assert_eq!(Json::<Cmd>::decode(v.encode().unwrap()).unwrap(), v);
+        let err = Json::<Cmd>::decode(Bytes::from_static(b"{\"key\":1}")).unwrap_err();
+        assert_eq!(err.field(), "json");
+    }
+
+    #[test]
+    fn json_encode_failure_is_an_error_not_a_default() {
+        let mut map = std::collections::BTreeMap::new();
+        map.insert((1u8, 2u8), 3u8);
+        assert!(Json(map).encode().is_err());
+    }
+
+    #[test]
+    fn strings_must_be_utf8() {
+        assert_eq!(
+            String::decode(Bytes::from_static(&[0xff, 0xfe]))
+                .unwrap_err()
+                .field(),
+            "string"
+        );
+        let node = openraft::impls::BasicNode {
+            addr: "10.0.0.1:5001".into(),
+        };
+        assert_eq!(
+            openraft::impls::BasicNode::decode(node.encode().unwrap()).unwrap(),
+            node
+        );
+    }
+}

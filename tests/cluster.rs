@@ -26,6 +26,7 @@ on_every_transport!(
     membership_change,
     restarted_follower_reconnects,
     heartbeats_flow_while_snapshot_streams,
+    leadership_transfer,
 );
 
 async fn write_many(node: &KvNode, n: u64, value: Bytes, concurrency: usize) {
@@ -288,5 +289,18 @@ async fn heartbeats_flow_while_snapshot_streams(transport: Transport) {
     assert_eq!(m.current_term, term, "an election happened during the snapshot");
     assert_eq!(m.current_leader, Some(leader));
     c.nodes.insert(3, n3);
+    c.shutdown().await;
+}
+
+/// `trigger().transfer_leader` goes through the TransferLeader RPC: the target takes over.
+async fn leadership_transfer(transport: Transport) {
+    let c = Cluster::voters(transport, 3).await;
+    c.node(1).write("before", "x").await.unwrap();
+    c.node(1).raft.trigger().transfer_leader(2).await.unwrap();
+    assert_eq!(c.await_leader(3, Some(1)).await, 2);
+    let target = applied(c.node(1));
+    c.await_applied(2, target).await;
+    c.node(2).write("after", "y").await.unwrap();
+    assert_eq!(c.node(2).sm.get("before").as_deref(), Some(&b"x"[..]));
     c.shutdown().await;
 }

@@ -101,6 +101,77 @@ async fn black_holed_peer_times_out() {
     hold.abort();
 }
 
+/// A snapshot transfer stops as soon as openraft's cancel future fires, even while the
+/// receiver is stuck, and the receiver keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_send_honours_cancel() {
+    use openraft::errors::ReplicationClosed;
+    use openraft::errors::StreamingError;
+    for transport in common::transports() {
+        let net = common::Net::new(transport);
+        let stuck = || async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok::<_, std::io::Error>(KvSnapshotData::default())
+        };
+        let mut node = raftwire::kv::KvNode::start_with_sink(
+            1,
+            raftwire::demo::raft_config(),
+            net.config(1),
+            loopback(),
+            stuck,
+        )
+        .await
+        .unwrap();
+        let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2));
+        let mut client = factory.new_snapshot_client(1, &node.node()).await;
+        let leader = raftwire::WireLeaderId { term: 1, node_id: 2 };
+        let log_id = openraft::LogId {
+            leader_id: leader,
+            index: 10,
+        };
+        let membership =
+            openraft::Membership::new_with_defaults(vec![std::collections::BTreeSet::from([2])], [2]);
+        let meta = openraft::SnapshotMeta {
+            last_log_id: Some(log_id),
+            last_membership: openraft::StoredMembership::new(Some(log_id), membership),
+        };
+        let data = KvSnapshotData::new(vec![7u8; 32 << 20]);
+        let vote = openraft::impls::Vote {
+            leader_id: leader,
+            committed: true,
+        };
+        let cancel = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            ReplicationClosed::new("test cancels the transfer")
+        };
+        let started = std::time::Instant::now();
+        let result = client
+            .full_snapshot(
+                vote,
+                openraft::Snapshot { meta, snapshot: data },
+                cancel,
+                RPCOption::new(Duration::from_secs(60)),
+            )
+            .await;
+        assert!(
+            matches!(result, Err(StreamingError::Closed(_))),
+            "{transport:?}: {result:?}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{transport:?}: cancel took {:?}",
+            started.elapsed()
+        );
+        let mut voter = factory.new_client(1, &node.node()).await;
+        let vote_req = VoteRequest::new(openraft::impls::Vote::new(0, 2), None);
+        voter
+            .vote(vote_req, RPCOption::new(Duration::from_secs(2)))
+            .await
+            .unwrap();
+        node.stop().await.unwrap();
+    }
+}
+
 #[cfg(feature = "grpc")]
 mod grpc {
     use raftwire::Transport;

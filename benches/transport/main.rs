@@ -276,6 +276,62 @@ fn snapshot(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> BTreeMap<String,
     memory
 }
 
+/// The QUIC defaults against the alternatives they were chosen over, on pipelined appends.
+#[cfg(feature = "quic")]
+fn quic_tuning(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    use raftwire::CongestionControl;
+    use raftwire::QuicTuning;
+    use raftwire::Transport;
+    let mut variants: Vec<(&str, QuicTuning)> = vec![("raftwire-defaults", QuicTuning::default())];
+    let mut quinn = QuicTuning::default();
+    quinn.stream_receive_window = 1_250_000;
+    quinn.receive_window = u64::MAX >> 2;
+    quinn.send_window = 10_000_000;
+    quinn.initial_mtu = 1200;
+    variants.push(("quinn-defaults", quinn));
+    let mut mtu = QuicTuning::default();
+    mtu.initial_mtu = 1200;
+    variants.push(("mtu-1200", mtu));
+    let mut window = QuicTuning::default();
+    window.stream_receive_window = 1_250_000;
+    variants.push(("stream-window-1.25MB", window));
+    let mut bbr = QuicTuning::default();
+    bbr.congestion = CongestionControl::Bbr;
+    variants.push(("bbr", bbr));
+    let mut newreno = QuicTuning::default();
+    newreno.congestion = CongestionControl::NewReno;
+    variants.push(("newreno", newreno));
+    let sizes: &[usize] = if quick() {
+        &[16 << 10]
+    } else {
+        &[16 << 10, 256 << 10]
+    };
+    let mut group = c.benchmark_group("quic-tuning");
+    for &size in sizes {
+        for (name, tuning) in &variants {
+            let subject = Subject::Transport(Transport::Quic);
+            let mut bench = rt
+                .block_on(AppendBench::start_tuned(subject, size, 64, tuning.clone()))
+                .expect("quic setup");
+            let requests = ((8usize << 20) / bench.bytes_per_request() as usize).max(8);
+            group.throughput(Throughput::Bytes(bench.bytes_per_request() * requests as u64));
+            group.bench_function(BenchmarkId::new(*name, format!("{size}B-w64")), |b| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let mut total = Duration::ZERO;
+                        for _ in 0..iters {
+                            total += bench.run(requests).await.expect("append");
+                        }
+                        total
+                    })
+                })
+            });
+            rt.block_on(bench.stop());
+        }
+    }
+    group.finish();
+}
+
 fn criterion_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -315,6 +371,8 @@ fn main() {
     append(&mut c, &rt);
     replication(&mut c, &rt, &mut latencies);
     let memory = snapshot(&mut c, &rt);
+    #[cfg(feature = "quic")]
+    quic_tuning(&mut c, &rt);
     c.final_summary();
     let memory: serde_json::Map<String, serde_json::Value> = memory
         .into_iter()

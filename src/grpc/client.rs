@@ -238,25 +238,27 @@ impl Lane {
         S: Stream<Item = AppendEntriesRequest<C>> + Send + Unpin + 'static,
     {
         let rpc = RPCTypes::AppendEntries;
+        let mut client = tokio::time::timeout(deadline, self.client())
+            .await
+            .map_err(|_| TransportError::Timeout { rpc, after: deadline })??;
         // Sent but unanswered requests never exceed the window, so this channel never blocks.
         let (tx, rx) = mpsc::channel(config.max_in_flight_requests);
-        let open = async {
-            let mut client = self.client().await?;
-            client
-                .stream_append(ReceiverStream::new(rx))
-                .await
-                .map_err(|s| self.failed(rpc, s))
-        };
-        let replies = tokio::time::timeout(deadline, open)
-            .await
-            .map_err(|_| TransportError::Timeout { rpc, after: deadline })??
-            .into_inner();
-        let replies = replies.map(move |r| match r {
-            Ok(reply) => {
-                convert::stream_reply_from_pb(reply).map_err(|source| TransportError::Decode { rpc, source })
-            }
-            Err(status) => Err(self.failed(rpc, status)),
+        // The call is opened lazily, when the pipeline first waits for a reply: by then the
+        // first request is queued, so headers and data leave together and a one-request
+        // session (a heartbeat) costs one round trip, not two.
+        let call = async move { client.stream_append(ReceiverStream::new(rx)).await };
+        let replies = futures::stream::once(call).flat_map(move |opened| match opened {
+            Ok(response) => response
+                .into_inner()
+                .map(move |r| match r {
+                    Ok(reply) => convert::stream_reply_from_pb(reply)
+                        .map_err(|source| TransportError::Decode { rpc, source }),
+                    Err(status) => Err(self.failed(rpc, status)),
+                })
+                .left_stream(),
+            Err(status) => futures::stream::iter([Err(self.failed(rpc, status))]).right_stream(),
         });
+        let replies = Box::pin(replies);
         let window = pipeline::Window {
             requests: config.max_in_flight_requests,
             bytes: config.max_in_flight_bytes,
