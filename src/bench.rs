@@ -571,17 +571,36 @@ impl ClusterBench {
         Ok(ClusterBench { nodes, keys })
     }
 
-    fn leader(&self) -> &KvRaft {
+    fn rafts(&self) -> Vec<&KvRaft> {
         match &self.nodes {
-            ClusterNodes::Net(nodes) => &nodes[0].raft,
-            ClusterNodes::InProcess(rafts) => &rafts[0],
+            ClusterNodes::Net(nodes) => nodes.iter().map(|n| &n.raft).collect(),
+            ClusterNodes::InProcess(rafts) => rafts.iter().collect(),
         }
     }
 
-    /// Writes `writes` values of `size` bytes with `writers` concurrent writers.
+    /// The node that leads now (waiting out an election, if one is under way).
+    async fn leader(&self) -> Result<&KvRaft, BenchError> {
+        let rafts = self.rafts();
+        let m = rafts[0]
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(|m| m.current_leader.is_some(), "a leader")
+            .await
+            .map_err(|e| bench_err("find the leader")(e.to_string()))?;
+        let id = m
+            .current_leader
+            .ok_or_else(|| bench_err("find the leader")("metrics lost the leader".into()))?;
+        rafts
+            .into_iter()
+            .find(|r| *r.node_id() == id)
+            .ok_or_else(|| bench_err("find the leader")(format!("node {id}")))
+    }
+
+    /// Writes `writes` values of `size` bytes with `writers` concurrent writers. A write that
+    /// meets a leader change (a CPU-starved machine can time out a heartbeat) is retried on the
+    /// new leader and its latency includes the wait.
     pub async fn run(&self, writes: usize, writers: usize, size: usize) -> Result<WriteRun, BenchError> {
         let value = Bytes::from(vec![0x42; size]);
-        let leader = self.leader();
+        let first = self.leader().await?;
         let started = Instant::now();
         let mut latencies = Vec::with_capacity(writes);
         let mut stream = futures::stream::iter(0..writes)
@@ -592,12 +611,20 @@ impl ClusterBench {
                 };
                 async move {
                     let t = Instant::now();
-                    leader.client_write(req).await.map(|_| t.elapsed())
+                    let mut leader = first;
+                    for _ in 0..3 {
+                        match leader.client_write(req.clone()).await {
+                            Ok(_) => return Ok(t.elapsed()),
+                            Err(e) if e.forward_to_leader().is_some() => leader = self.leader().await?,
+                            Err(e) => return Err(bench_err("write")(e.to_string())),
+                        }
+                    }
+                    Err(bench_err("write")("the leader kept changing".into()))
                 }
             })
             .buffer_unordered(writers.max(1));
         while let Some(r) = stream.next().await {
-            latencies.push(r.map_err(|e| bench_err("write")(e.to_string()))?);
+            latencies.push(r?);
         }
         Ok(WriteRun {
             elapsed: started.elapsed(),
