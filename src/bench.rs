@@ -465,6 +465,10 @@ impl RpcBench {
             Some(Ok(_)) => {}
             other => return Err(bench_err("heartbeat")(format!("{other:?}"))),
         }
+        // As openraft does: poll to the end so the call closes cleanly.
+        if let Some(extra) = replies.next().await {
+            return Err(bench_err("heartbeat")(format!("an extra reply: {extra:?}")));
+        }
         drop(replies);
         Ok(started.elapsed())
     }

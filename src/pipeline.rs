@@ -72,7 +72,7 @@ where
     async fn next(&mut self) -> Option<Result<StreamAppendResult<C>, TransportError>> {
         loop {
             if self.input_done && self.in_flight.is_empty() {
-                return None;
+                return self.drain().await;
             }
             let may_send = self.may_send();
             let waiting = !self.in_flight.is_empty();
@@ -103,6 +103,21 @@ where
                     return Some(Err(TransportError::Timeout { rpc: RPCTypes::AppendEntries, after: self.idle }));
                 }
             }
+        }
+    }
+
+    /// Every request is answered: wait for the peer to end the reply stream too, so the call
+    /// closes cleanly (an abandoned HTTP/2 stream is reset, and a server counts resets against
+    /// the connection). A reply beyond the requests is a protocol error; a peer that never
+    /// ends the stream is given up on after the idle deadline.
+    async fn drain(&mut self) -> Option<Result<StreamAppendResult<C>, TransportError>> {
+        match tokio::time::timeout(self.idle, self.replies.next()).await {
+            Ok(None) | Err(_) => None,
+            Ok(Some(Err(e))) => Some(Err(e)),
+            Ok(Some(Ok(_))) => Some(Err(TransportError::Broken {
+                rpc: RPCTypes::AppendEntries,
+                reason: "the peer sent more replies than there were requests".into(),
+            })),
         }
     }
 

@@ -172,6 +172,58 @@ async fn snapshot_send_honours_cancel() {
     }
 }
 
+/// Heartbeats are one-request replication sessions, ten a second per peer for as long as a
+/// node runs: thousands of them must reuse one connection and close cleanly (a server that
+/// sees too many abandoned streams closes the connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_heartbeat_sessions_share_one_connection() {
+    use futures::StreamExt;
+    for transport in common::transports() {
+        let net = common::Net::new(transport);
+        let mut node =
+            raftwire::kv::KvNode::start(1, raftwire::demo::raft_config(), net.config(1), loopback())
+                .await
+                .unwrap();
+        let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2));
+        let mut client = factory.new_heartbeat_client(1, &node.node()).await;
+        let leader = raftwire::WireLeaderId { term: 1, node_id: 2 };
+        for i in 0..2_500 {
+            let beat = openraft::raft::AppendEntriesRequest::<KvConfig> {
+                vote: openraft::impls::Vote {
+                    leader_id: leader,
+                    committed: true,
+                },
+                prev_log_id: None,
+                entries: Vec::new(),
+                leader_commit: None,
+            };
+            let mut out = client
+                .stream_append(
+                    futures::stream::iter([beat]),
+                    RPCOption::new(Duration::from_secs(5)),
+                )
+                .await
+                .unwrap();
+            let first = out.next().await;
+            assert!(
+                matches!(first, Some(Ok(Ok(_)))),
+                "{transport:?}: heartbeat {i}: {first:?}"
+            );
+            let end = out.next().await;
+            assert!(
+                end.is_none(),
+                "{transport:?}: heartbeat {i}: the session did not end: {end:?}"
+            );
+        }
+        assert_eq!(
+            factory.stats().connects,
+            1,
+            "{transport:?}: heartbeats reconnected"
+        );
+        node.stop().await.unwrap();
+    }
+}
+
 #[cfg(feature = "grpc")]
 mod grpc {
     use raftwire::Transport;
