@@ -103,6 +103,47 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("a tokio runtime")
 }
 
+/// Criterion's filter arguments (`cargo bench -- append/quic`): setups of benchmarks no filter
+/// selects are skipped too, so one figure can be reproduced without running the rest.
+fn filters() -> Vec<String> {
+    const TAKES_VALUE: &[&str] = &[
+        "--save-baseline",
+        "--baseline",
+        "--baseline-lenient",
+        "--load-baseline",
+        "--sample-size",
+        "--warm-up-time",
+        "--measurement-time",
+        "--nresamples",
+        "--noise-threshold",
+        "--confidence-level",
+        "--significance-level",
+        "--profile-time",
+        "--plotting-backend",
+        "--output-format",
+        "--color",
+        "--format",
+    ];
+    let mut out = Vec::new();
+    let mut skip = false;
+    for arg in std::env::args().skip(1) {
+        if skip {
+            skip = false;
+        } else if TAKES_VALUE.contains(&arg.as_str()) {
+            skip = true;
+        } else if !arg.starts_with('-') {
+            out.push(arg);
+        }
+    }
+    out
+}
+
+/// Whether benchmark `id` (`group/function/parameter`) is selected.
+fn wanted(id: &str) -> bool {
+    let f = filters();
+    f.is_empty() || f.iter().any(|f| id.contains(f.as_str()))
+}
+
 fn quick() -> bool {
     std::env::var_os("RAFTWIRE_BENCH_QUICK").is_some()
 }
@@ -110,6 +151,10 @@ fn quick() -> bool {
 fn rpc(c: &mut Criterion, rt: &tokio::runtime::Runtime, latencies: &mut Latencies) {
     let mut group = c.benchmark_group("rpc");
     for subject in Subject::transports() {
+        let name = subject.name();
+        if !wanted(&format!("rpc/vote/{name}")) && !wanted(&format!("rpc/heartbeat/{name}")) {
+            continue;
+        }
         let mut bench = rt.block_on(RpcBench::start(subject)).expect("rpc setup");
         let mut votes = Vec::new();
         group.bench_function(BenchmarkId::new("vote", subject.name()), |b| {
@@ -142,6 +187,10 @@ fn rpc(c: &mut Criterion, rt: &tokio::runtime::Runtime, latencies: &mut Latencie
         });
         latencies.insert(format!("rpc/heartbeat/{}", subject.name()), beats);
         rt.block_on(bench.stop());
+    }
+    if !wanted("rpc/ping-pong/raw-tls") {
+        group.finish();
+        return;
     }
     let mut raw = rt.block_on(RpcBench::start(Subject::RawTls)).expect("raw setup");
     let mut pings = Vec::new();
@@ -209,9 +258,19 @@ fn replication(c: &mut Criterion, rt: &tokio::runtime::Runtime, latencies: &mut 
     let mut subjects = Subject::transports();
     subjects.push(Subject::InProcess);
     for &subject in &subjects {
+        let id = |size: usize, w: usize| format!("replication/{}/{size}B-c{w}", subject.name());
+        if !sizes
+            .iter()
+            .any(|&size| writers.iter().any(|&w| wanted(&id(size, w))))
+        {
+            continue;
+        }
         let cluster = rt.block_on(ClusterBench::start(subject)).expect("cluster setup");
         for &size in sizes {
             for &w in writers {
+                if !wanted(&id(size, w)) {
+                    continue;
+                }
                 let writes = if w == 1 { 500 } else { 5_000 };
                 rt.block_on(cluster.run(writes / 5, w, size)).expect("warm-up");
                 let mut all = Vec::new();
@@ -309,6 +368,9 @@ fn quic_tuning(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let mut group = c.benchmark_group("quic-tuning");
     for &size in sizes {
         for (name, tuning) in &variants {
+            if !wanted(&format!("quic-tuning/{name}/{size}B-w64")) {
+                continue;
+            }
             let subject = Subject::Transport(Transport::Quic);
             let mut bench = rt
                 .block_on(AppendBench::start_tuned(subject, size, 64, tuning.clone()))

@@ -58,6 +58,11 @@ const MIN_NODE_LEN: usize = 8 + 4;
 
 // ---- writing ----
 
+/// Payloads shorter than this are copied next to the fixed fields rather than sent as chunks of
+/// their own: on QUIC each chunk costs a write descriptor and a reference count, which for
+/// small entries is more than the copy (measured: 64-byte entries, see BENCHMARKS.md).
+const INLINE_MAX: usize = 4096;
+
 /// Builds one frame as a run of chunks appended to `out`.
 ///
 /// `buf` starts with an 18-byte slot for the header, written by [`Writer::finish`] once the
@@ -150,10 +155,15 @@ impl<'a> Writer<'a> {
         }
     }
 
-    /// Appends `b` as a chunk of its own, uncopied.
+    /// Appends `b` as a chunk of its own, uncopied; bytes shorter than [`INLINE_MAX`] are
+    /// copied in with the fixed fields instead.
     fn chunk(&mut self, b: Bytes) -> Result<(), FrameError> {
         if b.is_empty() {
             return Ok(());
+        }
+        if b.len() < INLINE_MAX {
+            self.buf.put_slice(&b);
+            return self.check_len();
         }
         self.flush();
         self.flushed += b.len();

@@ -463,8 +463,8 @@ fn decoder_fed_one_byte_at_a_time() {
 
 #[test]
 fn payloads_travel_as_their_own_chunks() {
-    let a = Bytes::from(vec![0xAA; 1000]);
-    let b = Bytes::from(vec![0xBB; 3000]);
+    let a = Bytes::from(vec![0xAA; 5000]);
+    let b = Bytes::from(vec![0xBB; 9000]);
     let msg = Message::Append(append(vec![
         Entry {
             log_id: log_id(2, 1, 10),
@@ -487,6 +487,28 @@ fn payloads_travel_as_their_own_chunks() {
     assert_eq!(chunks.len(), 2);
     assert_eq!(chunks[0].len(), HEADER_LEN);
     assert_eq!(chunks[1].as_ptr(), data.as_ptr());
+}
+
+#[test]
+fn small_payloads_are_copied_in_line() {
+    let small = Bytes::from(vec![0xCC; 64]);
+    let msg = Message::Append(append(vec![Entry {
+        log_id: log_id(2, 1, 10),
+        payload: EntryPayload::Normal(Payload(small.clone())),
+    }]));
+    let (chunks, size) = encode_to_chunks(5, &msg);
+    assert_eq!(
+        chunks.len(),
+        1,
+        "a 64-byte payload rides with the fixed fields: {chunks:?}"
+    );
+    assert_eq!(chunks[0].len(), size);
+    let mut buf = BytesMut::from(&chunks[0][..]);
+    let (header, body) = FrameDecoder::new(MAX).decode(&mut buf).unwrap().unwrap();
+    let Message::Append(back) = decode::<TestConfig>(&header, body).unwrap() else {
+        panic!("not an append")
+    };
+    assert!(matches!(&back.entries[0].payload, EntryPayload::Normal(p) if p.0 == small));
 }
 
 // ---- malformed input ----
@@ -801,18 +823,24 @@ fn error_frames_and_codes() {
 #[test]
 fn encode_too_large_emits_nothing() {
     let mut out = vec![Bytes::from_static(b"earlier frame")];
-    let msg: Msg = Message::SnapshotChunk(Bytes::from(vec![0u8; 2000]));
-    let err = encode(1, &msg, 1000, &mut out).unwrap_err();
+    let msg: Msg = Message::SnapshotChunk(Bytes::from(vec![0u8; 20_000]));
+    let err = encode(1, &msg, 10_000, &mut out).unwrap_err();
     assert!(
-        matches!(err, FrameError::TooLarge { len: 2000, max: 1000 }),
+        matches!(
+            err,
+            FrameError::TooLarge {
+                len: 20_000,
+                max: 10_000
+            }
+        ),
         "{err:?}"
     );
     assert_eq!(err.error_code(), ErrorCode::TooLarge);
     assert_eq!(out, vec![Bytes::from_static(b"earlier frame")]);
 
     // Exactly at the limit is fine.
-    let msg: Msg = Message::SnapshotChunk(Bytes::from(vec![0u8; 1000]));
-    assert_eq!(encode(1, &msg, 1000, &mut out).unwrap(), 1000 + HEADER_LEN);
+    let msg: Msg = Message::SnapshotChunk(Bytes::from(vec![0u8; 10_000]));
+    assert_eq!(encode(1, &msg, 10_000, &mut out).unwrap(), 10_000 + HEADER_LEN);
     assert_eq!(out.len(), 3);
 
     // Many entries: refused once the body passes the limit.
