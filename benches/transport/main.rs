@@ -138,10 +138,15 @@ fn filters() -> Vec<String> {
     out
 }
 
-/// Whether benchmark `id` (`group/function/parameter`) is selected.
+/// Whether benchmark `id` (`group/function/parameter`) is selected: criterion's filters are
+/// regular expressions matched anywhere in the id.
 fn wanted(id: &str) -> bool {
     let f = filters();
-    f.is_empty() || f.iter().any(|f| id.contains(f.as_str()))
+    f.is_empty()
+        || f.iter().any(|f| match regex::Regex::new(f) {
+            Ok(re) => re.is_match(id),
+            Err(_) => id.contains(f.as_str()),
+        })
 }
 
 fn quick() -> bool {
@@ -224,6 +229,9 @@ fn append(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     for &size in sizes {
         for &window in windows {
             for &subject in &subjects {
+                if !wanted(&format!("append/{}/{size}B-w{window}", subject.name())) {
+                    continue;
+                }
                 let mut bench = rt
                     .block_on(AppendBench::start(subject, size, window))
                     .expect("append setup");
@@ -309,6 +317,9 @@ fn snapshot(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> BTreeMap<String,
     subjects.push(Subject::RawTls);
     for &(size, label) in sizes {
         for &subject in &subjects {
+            if !wanted(&format!("snapshot/{}/{label}", subject.name())) {
+                continue;
+            }
             let mut bench = rt
                 .block_on(SnapshotBench::start(subject, size))
                 .expect("snapshot setup");
