@@ -38,3 +38,19 @@ where
         Box::pin(self())
     }
 }
+
+/// Reads the next chunk of up to `size` bytes of snapshot data (short only at the end);
+/// `None` once the data is exhausted. Only this one chunk is ever buffered.
+pub(crate) async fn next_chunk<SD: SnapshotData>(
+    data: &mut SD,
+    size: usize,
+) -> io::Result<Option<bytes::Bytes>> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = bytes::BytesMut::with_capacity(size);
+    while buf.len() < size {
+        if data.read_buf(&mut buf).await? == 0 {
+            break;
+        }
+    }
+    Ok((!buf.is_empty()).then(|| buf.freeze()))
+}

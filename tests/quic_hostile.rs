@@ -7,7 +7,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -491,50 +490,7 @@ async fn reply_kinds_cannot_start_a_stream() {
     arena.stop().await;
 }
 
-/// The WARN lines logged on this thread; the test reading them runs on a current-thread
-/// runtime, so the server's tasks log here too.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::WARN)
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
-    }
-
-    /// The first line logged that contains every one of `needles`, waiting a little for it.
-    async fn line(&self, needles: &[&str]) -> String {
-        let deadline = Instant::now() + ANSWER;
-        loop {
-            let text = String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned();
-            if let Some(line) = text.lines().find(|l| needles.iter().all(|n| l.contains(n))) {
-                return line.to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no line logged contains all of {needles:?}; the log:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
+use common::logs::Logs;
 
 #[tokio::test]
 async fn refusals_are_logged_with_the_peer_and_the_reason() {
@@ -544,7 +500,7 @@ async fn refusals_are_logged_with_the_peer_and_the_reason() {
     let reply = arena.exchange(&noise(300), true).await;
     assert_eq!(error_frame(&reply).0, BAD_REQUEST);
     let line = logs
-        .line(&["refusing a QUIC stream", "magic", "code=BadRequest"])
+        .line("quic", &["refusing a QUIC stream", "magic", "code=BadRequest"])
         .await;
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("node=9"), "the line names the peer's node: {line}");
@@ -558,13 +514,16 @@ async fn refusals_are_logged_with_the_peer_and_the_reason() {
     send.write_all(&header(1, KIND_VOTE, 0, 1000, 1)).await.unwrap();
     send.reset(VarInt::from_u32(7)).unwrap();
     let _ = tokio::time::timeout(ANSWER, recv.read_to_end(64 << 10)).await;
-    let line = logs.line(&["refusing a QUIC stream", "reset", "7"]).await;
+    let line = logs.line("quic", &["refusing a QUIC stream", "reset", "7"]).await;
     assert!(line.contains("node=9"), "{line}");
 
     let reply = arena.exchange(&header(1, KIND_VOTE, 0, u32::MAX, 1), false).await;
     assert_eq!(error_frame(&reply).0, TOO_LARGE);
-    logs.line(&["refusing a QUIC stream", "code=TooLarge", "exceeds the limit"])
-        .await;
+    logs.line(
+        "quic",
+        &["refusing a QUIC stream", "code=TooLarge", "exceeds the limit"],
+    )
+    .await;
 
     arena.assert_serving("logged refusals").await;
     arena.stop().await;

@@ -10,8 +10,6 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::process::Output;
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -46,60 +44,7 @@ fn named_ca(name: &str) -> CertificateAuthority {
     CertificateAuthority::generate(name).unwrap()
 }
 
-/// The WARN lines logged on this thread. The tests that read them run on a current-thread
-/// runtime, so the servers' tasks log here too: a server's reason for refusing a client is
-/// only in its log (TLS tells the client at most an alert code).
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn capture() -> (Logs, tracing::subscriber::DefaultGuard) {
-        let logs = Logs::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::WARN)
-            .finish();
-        (logs, tracing::subscriber::set_default(subscriber))
-    }
-
-    fn clear(&self) {
-        self.0.lock().unwrap().clear();
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    /// The first line logged since the last `clear` that contains `needle`, waiting a little
-    /// for it; panics with everything logged if none comes.
-    async fn line(&self, transport: Transport, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(3);
-        loop {
-            let text = self.text();
-            if let Some(line) = text.lines().find(|l| l.contains(needle)) {
-                return line.to_string();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{transport:?}: nothing logged contains {needle:?}; the log:\n{text}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-}
+use common::logs::Logs;
 
 /// Node `id`'s identity issued by `issuer`, trusting the CA `trust`.
 fn identity(
@@ -241,7 +186,9 @@ async fn foreign_ca_is_refused_both_ways() {
             let what = format!("client with an identity from a foreign CA ({check})");
             let (err, _) = refused(transport, &what, vote(client, 1, 2, addr).await);
             assert_unreachable_or_network(transport, &what, &err);
-            let line = logs.line(transport, "refusing a client certificate").await;
+            let line = logs
+                .line(&format!("{transport:?}"), &["refusing a client certificate"])
+                .await;
             assert!(line.contains(check), "{transport:?}: {what}: {line}");
         }
 
@@ -315,7 +262,9 @@ async fn expired_and_not_yet_valid_certificates_are_refused() {
             let what = format!("{name} client certificate");
             let (err, _) = refused(transport, &what, vote(client, 1, 2, server.addr()).await);
             assert_unreachable_or_network(transport, &what, &err);
-            let line = logs.line(transport, "refusing a client certificate").await;
+            let line = logs
+                .line(&format!("{transport:?}"), &["refusing a client certificate"])
+                .await;
             assert!(line.contains(check), "{transport:?}: {what}: {line}");
         }
         server.stop().await.unwrap();
@@ -374,7 +323,7 @@ async fn allow_peers_refuses_other_nodes() {
         let what = "node 3 calling a server that allows only node 1";
         let (err, _) = refused(transport, what, vote(client, 3, 2, server.addr()).await);
         assert_unreachable_or_network(transport, what, &err);
-        let line = logs.line(transport, "refusing a client").await;
+        let line = logs.line(&format!("{transport:?}"), &["refusing a client"]).await;
         assert!(
             line.contains("node 3 is not among the peers this server accepts ({1})"),
             "{transport:?}: {what}: {line}"

@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use futures::Stream;
 use futures::StreamExt;
 use openraft::alias::SnapshotMetaOf;
@@ -19,7 +18,6 @@ use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use prost::Message;
-use tokio::io::AsyncReadExt;
 use tokio::io::AsyncSeekExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -311,23 +309,13 @@ impl Lane {
                 .await
                 .map_err(TransportError::SnapshotRead)?;
             loop {
-                let mut buf = BytesMut::with_capacity(chunk_size);
-                while buf.len() < chunk_size {
-                    if data
-                        .read_buf(&mut buf)
-                        .await
-                        .map_err(TransportError::SnapshotRead)?
-                        == 0
-                    {
-                        break;
-                    }
-                }
-                if buf.is_empty() {
+                let next = crate::snapshot::next_chunk(&mut data, chunk_size).await;
+                let Some(buf) = next.map_err(TransportError::SnapshotRead)? else {
                     return Ok::<_, TransportError>(());
-                }
+                };
                 let n = buf.len();
                 let chunk = pb::SnapshotChunk {
-                    kind: Some(pb::snapshot_chunk::Kind::Data(buf.freeze())),
+                    kind: Some(pb::snapshot_chunk::Kind::Data(buf)),
                 };
                 tokio::time::timeout(idle, tx.send(chunk))
                     .await

@@ -3,7 +3,6 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use futures::Stream;
 use openraft::alias::SnapshotMetaOf;
 use openraft::alias::VoteOf;
@@ -16,7 +15,6 @@ use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
-use tokio::io::AsyncReadExt;
 use tokio::io::AsyncSeekExt;
 
 use super::FrameReader;
@@ -284,22 +282,12 @@ impl Lane {
             .map_err(TransportError::SnapshotRead)?;
         let mut id = 1;
         loop {
-            let mut buf = BytesMut::with_capacity(chunk_size);
-            while buf.len() < chunk_size {
-                if data
-                    .read_buf(&mut buf)
-                    .await
-                    .map_err(TransportError::SnapshotRead)?
-                    == 0
-                {
-                    break;
-                }
-            }
-            if buf.is_empty() {
+            let next = crate::snapshot::next_chunk(&mut data, chunk_size).await;
+            let Some(buf) = next.map_err(TransportError::SnapshotRead)? else {
                 break;
-            }
+            };
             let n = buf.len();
-            let chunk = Message::<C>::SnapshotChunk(buf.freeze());
+            let chunk = Message::<C>::SnapshotChunk(buf);
             tokio::time::timeout(idle, write_frame(&mut send, id, &chunk, max))
                 .await
                 .map_err(timeout)?

@@ -1,6 +1,8 @@
 //! A cluster of demo KV nodes on 127.0.0.1 for the integration tests.
 #![allow(dead_code)]
 
+pub mod logs;
+
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
