@@ -298,9 +298,29 @@ async fn leadership_transfer(transport: Transport) {
     c.node(1).write("before", "x").await.unwrap();
     c.node(1).raft.trigger().transfer_leader(2).await.unwrap();
     assert_eq!(c.await_leader(3, Some(1)).await, 2);
+    // Node 2 itself leads once its own metrics say so (a follower may learn of it first).
+    c.node(2)
+        .raft
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(
+            |m| m.current_leader == Some(2) && m.state == openraft::ServerState::Leader,
+            "node 2 leads",
+        )
+        .await
+        .unwrap();
     let target = applied(c.node(1));
     c.await_applied(2, target).await;
-    c.node(2).write("after", "y").await.unwrap();
+    let mut attempt = 0;
+    while let Err(e) = c.node(2).write("after", "y").await {
+        let m = c.node(2).metrics();
+        eprintln!(
+            "attempt {attempt}: {e}; node 2 state {:?} leader {:?} term {}",
+            m.state, m.current_leader, m.current_term
+        );
+        attempt += 1;
+        assert!(attempt < 20, "node 2 never accepted a write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(c.node(2).sm.get("before").as_deref(), Some(&b"x"[..]));
     c.shutdown().await;
 }
