@@ -338,7 +338,11 @@ impl AppendBench {
         let mut replies = match &mut self.target {
             AppendTarget::Net(client) => client.stream_append(input, option()).await,
             AppendTarget::InProcess(client) => client.stream_append(input, option()).await,
-            AppendTarget::Raw(_) => unreachable!("handled above"),
+            AppendTarget::Raw(_) => {
+                return Err(bench_err("replication")(
+                    "the raw TLS target has no replication stream".into(),
+                ));
+            }
         }
         .map_err(|e| bench_err("open a replication stream")(e.to_string()))?;
         while let Some(reply) = replies.next().await {

@@ -85,7 +85,7 @@ fn main() -> ExitCode {
         }
     };
     match command {
-        Command::Certs { .. } => unreachable!("handled above"),
+        Command::Certs { command } => certs_cmd::run(command),
         Command::Bench { quick, json } => {
             if !quick {
                 eprintln!("error: only `raftwire bench --quick` runs here; the full matrix is `cargo bench`");
