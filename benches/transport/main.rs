@@ -232,31 +232,38 @@ fn append(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                 if !wanted(&format!("append/{}/{size}B-w{window}", subject.name())) {
                     continue;
                 }
-                let mut bench = rt
+                let bench = rt
                     .block_on(AppendBench::start(subject, size, window))
                     .expect("append setup");
-                // About 8 MiB per timed run.
-                let requests = ((8usize << 20) / bench.bytes_per_request() as usize).max(8);
-                group.throughput(Throughput::Bytes(bench.bytes_per_request() * requests as u64));
-                group.bench_function(
-                    BenchmarkId::new(subject.name(), format!("{size}B-w{window}")),
-                    |b| {
-                        b.iter_custom(|iters| {
-                            rt.block_on(async {
-                                let mut total = Duration::ZERO;
-                                for _ in 0..iters {
-                                    total += bench.run(requests).await.expect("append");
-                                }
-                                total
-                            })
-                        })
-                    },
-                );
-                rt.block_on(bench.stop());
+                let id = BenchmarkId::new(subject.name(), format!("{size}B-w{window}"));
+                measure_appends(&mut group, rt, bench, id);
             }
         }
     }
     group.finish();
+}
+
+/// Times about 8 MiB of pipelined appends per iteration, then stops the follower.
+fn measure_appends(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    mut bench: AppendBench,
+    id: BenchmarkId,
+) {
+    let requests = ((8usize << 20) / bench.bytes_per_request() as usize).max(8);
+    group.throughput(Throughput::Bytes(bench.bytes_per_request() * requests as u64));
+    group.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    total += bench.run(requests).await.expect("append");
+                }
+                total
+            })
+        })
+    });
+    rt.block_on(bench.stop());
 }
 
 fn replication(c: &mut Criterion, rt: &tokio::runtime::Runtime, latencies: &mut Latencies) {
@@ -383,23 +390,15 @@ fn quic_tuning(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                 continue;
             }
             let subject = Subject::Transport(Transport::Quic);
-            let mut bench = rt
+            let bench = rt
                 .block_on(AppendBench::start_tuned(subject, size, 64, tuning.clone()))
                 .expect("quic setup");
-            let requests = ((8usize << 20) / bench.bytes_per_request() as usize).max(8);
-            group.throughput(Throughput::Bytes(bench.bytes_per_request() * requests as u64));
-            group.bench_function(BenchmarkId::new(*name, format!("{size}B-w64")), |b| {
-                b.iter_custom(|iters| {
-                    rt.block_on(async {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            total += bench.run(requests).await.expect("append");
-                        }
-                        total
-                    })
-                })
-            });
-            rt.block_on(bench.stop());
+            measure_appends(
+                &mut group,
+                rt,
+                bench,
+                BenchmarkId::new(*name, format!("{size}B-w64")),
+            );
         }
     }
     group.finish();
