@@ -66,6 +66,7 @@ pub struct Config {
     pub(crate) max_in_flight_bytes: usize,
     pub(crate) snapshot_chunk_size: usize,
     pub(crate) snapshot_idle_timeout: Duration,
+    pub(crate) shutdown_grace: Duration,
     pub(crate) tls: Option<TlsConfig>,
     pub(crate) quic: QuicTuning,
 }
@@ -81,6 +82,7 @@ impl Config {
             max_in_flight_bytes: 64 << 20,
             snapshot_chunk_size: 1 << 20,
             snapshot_idle_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(1),
             tls: None,
             quic: QuicTuning::default(),
         }
@@ -185,6 +187,15 @@ impl ConfigBuilder {
     /// Default: 10 s.
     pub fn snapshot_idle_timeout(mut self, timeout: Duration) -> Self {
         self.config.snapshot_idle_timeout = timeout;
+        self
+    }
+
+    /// How long [`Server::shutdown`](crate::Server::shutdown) lets calls in flight finish
+    /// after it stops accepting, before it closes every connection. Replication streams from
+    /// a live leader never end on their own, so this is always waited out while a leader is
+    /// connected. Default: 1 s, longer than any heartbeat or vote round trip.
+    pub fn shutdown_grace(mut self, grace: Duration) -> Self {
+        self.config.shutdown_grace = grace;
         self
     }
 

@@ -29,7 +29,10 @@ use openraft::raft::VoteResponse;
 
 use crate::config::Config;
 use crate::config::Transport;
-use crate::error::TransportError;
+use crate::link;
+use crate::link::Connector;
+use crate::link::Link;
+use crate::link::Purpose;
 use crate::snapshot::SnapshotData;
 use crate::stats::NetworkStats;
 use crate::stats::Stats;
@@ -41,51 +44,9 @@ use crate::grpc;
 #[cfg(feature = "quic")]
 use crate::quic;
 
-/// Which connection of a peer a client uses. Heartbeats and snapshots get their own so that
-/// neither waits behind bulk replication (HTTP/2 streams on one TCP connection still share
-/// its head-of-line blocking).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Purpose {
-    Replication,
-    Heartbeat,
-    Snapshot,
-}
-
-/// One connection to one peer, of the configured transport.
-#[derive(Clone)]
-enum Lane {
-    /// gRPC: a connection per purpose.
-    #[cfg(feature = "grpc")]
-    Grpc(Arc<grpc::Lane>),
-    /// QUIC: one connection per peer; purposes get their own streams on it.
-    #[cfg(feature = "quic")]
-    Quic(Arc<quic::Lane>),
-}
-
-impl Lane {
-    fn new(addr: &str, target: u64, config: &Config, stats: Stats) -> Self {
-        match config.transport {
-            #[cfg(feature = "grpc")]
-            Transport::Grpc => Lane::Grpc(Arc::new(grpc::Lane::new(addr, target, config, stats))),
-            #[cfg(feature = "quic")]
-            Transport::Quic => Lane::Quic(Arc::new(quic::Lane::new(addr, target, config, stats))),
-        }
-    }
-
-    /// Whether one connection carries every purpose (so a lane is shared across them).
-    fn shared(&self) -> bool {
-        match self {
-            #[cfg(feature = "grpc")]
-            Lane::Grpc(_) => false,
-            #[cfg(feature = "quic")]
-            Lane::Quic(_) => true,
-        }
-    }
-}
-
-struct Peer {
+struct Peer<C: RaftWireConfig> {
     addr: String,
-    lanes: HashMap<Purpose, Lane>,
+    links: HashMap<Purpose, Arc<dyn Link<C>>>,
 }
 
 /// openraft's network factory for raftwire: hands out [`Network`] clients that share one
@@ -97,19 +58,21 @@ struct Peer {
 /// address changes gets fresh connections.
 ///
 /// `SD` is the state machine's snapshot data type.
-pub struct NetworkFactory<C, SD> {
+pub struct NetworkFactory<C: RaftWireConfig, SD> {
     local_id: u64,
     config: Arc<Config>,
-    peers: Arc<Mutex<HashMap<u64, Peer>>>,
+    connector: Arc<dyn Connector<C>>,
+    peers: Arc<Mutex<HashMap<u64, Peer<C>>>>,
     stats: Stats,
     _types: PhantomData<fn() -> (C, SD)>,
 }
 
-impl<C, SD> Clone for NetworkFactory<C, SD> {
+impl<C: RaftWireConfig, SD> Clone for NetworkFactory<C, SD> {
     fn clone(&self) -> Self {
         NetworkFactory {
             local_id: self.local_id,
             config: self.config.clone(),
+            connector: self.connector.clone(),
             peers: self.peers.clone(),
             stats: self.stats.clone(),
             _types: PhantomData,
@@ -130,11 +93,14 @@ where
                 "raftwire client runs PLAINTEXT: peers are not authenticated, traffic is not encrypted"
             );
         }
+        let stats = Stats::default();
+        let connector = connector::<C>(&config, &stats);
         NetworkFactory {
             local_id,
             config: Arc::new(config),
+            connector,
             peers: Arc::default(),
-            stats: Stats::default(),
+            stats,
             _types: PhantomData,
         }
     }
@@ -149,29 +115,32 @@ where
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let peer = peers.entry(target).or_insert_with(|| Peer {
             addr: addr.to_string(),
-            lanes: HashMap::new(),
+            links: HashMap::new(),
         });
         if peer.addr != addr {
             tracing::info!(target, old = %peer.addr, new = addr, "peer address changed; reconnecting");
             *peer = Peer {
                 addr: addr.to_string(),
-                lanes: HashMap::new(),
+                links: HashMap::new(),
             };
         }
-        let shared = peer.lanes.values().find(|l| l.shared()).cloned();
-        let lane = peer
-            .lanes
+        let shared = self
+            .connector
+            .shares_purposes()
+            .then(|| peer.links.values().next().cloned())
+            .flatten();
+        let link = peer
+            .links
             .entry(purpose)
-            .or_insert_with(|| {
-                shared.unwrap_or_else(|| Lane::new(addr, target, &self.config, self.stats.clone()))
-            })
+            .or_insert_with(|| shared.unwrap_or_else(|| self.connector.link(addr, target, purpose)))
             .clone();
         Network {
             local_id: self.local_id,
             target,
             purpose,
             config: self.config.clone(),
-            lane,
+            link,
+            stats: self.stats.clone(),
             _types: PhantomData,
         }
     }
@@ -198,14 +167,13 @@ where
 }
 
 /// A client to one peer over one cached connection; see [`NetworkFactory`].
-pub struct Network<C, SD> {
+pub struct Network<C: RaftWireConfig, SD> {
     local_id: u64,
     target: u64,
-    /// Heartbeat streams get a higher priority on QUIC.
-    #[cfg_attr(not(feature = "quic"), allow(dead_code))]
     purpose: Purpose,
     config: Arc<Config>,
-    lane: Lane,
+    link: Arc<dyn Link<C>>,
+    stats: Stats,
     _types: PhantomData<fn() -> (C, SD)>,
 }
 
@@ -222,12 +190,7 @@ where
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<C>, RPCError<C>> {
         let deadline = self.config.deadline(option.soft_ttl());
-        let result = match &self.lane {
-            #[cfg(feature = "grpc")]
-            Lane::Grpc(lane) => lane.append(&rpc, deadline).await,
-            #[cfg(feature = "quic")]
-            Lane::Quic(lane) => lane.append(rpc, deadline).await,
-        };
+        let result = self.link.append(rpc, deadline).await;
         result.map_err(|e| e.into_rpc(self.local_id, self.target))
     }
 
@@ -242,28 +205,11 @@ where
         Box::pin(async move {
             let (local, target) = (self.local_id, self.target);
             let deadline = self.config.deadline(option.soft_ttl());
-            let replies: Result<
-                BoxStream<'s, Result<StreamAppendResult<C>, TransportError>>,
-                TransportError,
-            > = match &self.lane {
-                #[cfg(feature = "grpc")]
-                Lane::Grpc(lane) => lane
-                    .stream_append(input, &self.config, deadline)
-                    .await
-                    .map(|s| Box::pin(s) as BoxStream<'s, _>),
-                #[cfg(feature = "quic")]
-                Lane::Quic(lane) => {
-                    let priority = if self.purpose == Purpose::Heartbeat {
-                        quic::HEARTBEAT_PRIORITY
-                    } else {
-                        0
-                    };
-                    lane.stream_append(input, &self.config, deadline, priority)
-                        .await
-                        .map(|s| Box::pin(s) as BoxStream<'s, _>)
-                }
-            };
-            let replies = replies.map_err(|e| e.into_rpc(local, target))?;
+            let replies = self
+                .link
+                .stream_append(Box::pin(input), &self.config, deadline, self.purpose)
+                .await
+                .map_err(|e| e.into_rpc(local, target))?;
             let out: BoxStream<'s, _> =
                 Box::pin(replies.map(move |r| r.map_err(|e| e.into_rpc(local, target))));
             Ok(out)
@@ -289,26 +235,25 @@ where
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<C>, StreamingError<C>> {
+        // openraft always sets a chunk size; ours is a cap (kept below max_message_size by
+        // the config's validation), so no chunk can exceed what the receiver accepts.
         let chunk = option
             .snapshot_chunk_size()
             .unwrap_or(self.config.snapshot_chunk_size)
+            .min(self.config.snapshot_chunk_size)
             .max(1);
         // A deadline on progress, never on the whole transfer: at least openraft's own.
         let idle = self.config.snapshot_idle_timeout.max(option.soft_ttl());
-        let send = async {
-            match &self.lane {
-                #[cfg(feature = "grpc")]
-                Lane::Grpc(lane) => {
-                    lane.send_snapshot::<C, SD>(&vote, &snapshot.meta, snapshot.snapshot, chunk, idle)
-                        .await
-                }
-                #[cfg(feature = "quic")]
-                Lane::Quic(lane) => {
-                    lane.send_snapshot::<C, SD>(vote, snapshot.meta, snapshot.snapshot, chunk, idle)
-                        .await
-                }
-            }
-        };
+        let send = link::send_snapshot::<C, SD>(
+            self.link.as_ref(),
+            vote,
+            snapshot.meta,
+            snapshot.snapshot,
+            chunk,
+            idle,
+            &self.stats,
+        );
+        // Cancelling drops the upload, which aborts the transfer at the receiver.
         tokio::select! {
             result = send => result.map_err(|e| e.into_streaming(self.local_id, self.target)),
             closed = cancel => Err(StreamingError::Closed(closed)),
@@ -321,12 +266,7 @@ where
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<C>, RPCError<C>> {
         let deadline = self.config.deadline(option.soft_ttl());
-        let result = match &self.lane {
-            #[cfg(feature = "grpc")]
-            Lane::Grpc(lane) => lane.transfer_leader(&req, deadline).await,
-            #[cfg(feature = "quic")]
-            Lane::Quic(lane) => lane.transfer_leader(req, deadline).await,
-        };
+        let result = self.link.transfer_leader(req, deadline).await;
         result.map_err(|e| e.into_rpc(self.local_id, self.target))
     }
 }
@@ -343,12 +283,18 @@ where
         pre_vote: bool,
     ) -> Result<VoteResponse<C>, RPCError<C>> {
         let deadline = self.config.deadline(option.soft_ttl());
-        let result = match &self.lane {
-            #[cfg(feature = "grpc")]
-            Lane::Grpc(lane) => lane.vote(&rpc, pre_vote, deadline).await,
-            #[cfg(feature = "quic")]
-            Lane::Quic(lane) => lane.vote(rpc, pre_vote, deadline).await,
-        };
+        let result = self.link.vote(rpc, pre_vote, deadline).await;
         result.map_err(|e| e.into_rpc(self.local_id, self.target))
+    }
+}
+
+/// The client side of the configured transport: the one place the factory looks at which
+/// transport is selected.
+fn connector<C: RaftWireConfig>(config: &Config, stats: &Stats) -> Arc<dyn Connector<C>> {
+    match config.transport {
+        #[cfg(feature = "grpc")]
+        Transport::Grpc => Arc::new(grpc::Connector::new(config, stats.clone())),
+        #[cfg(feature = "quic")]
+        Transport::Quic => Arc::new(quic::Connector::new(config, stats.clone())),
     }
 }

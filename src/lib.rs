@@ -58,10 +58,13 @@
 
 mod certs;
 mod config;
+mod connect;
 mod error;
 mod factory;
+mod link;
 mod pipeline;
 mod server;
+mod service;
 mod snapshot;
 mod stats;
 mod tls;
@@ -101,6 +104,7 @@ pub use factory::NetworkFactory;
 pub use grpc::pb;
 pub use server::Server;
 pub use server::ServerBuilder;
+pub use snapshot::AbortFuture;
 pub use snapshot::SinkFuture;
 pub use snapshot::SnapshotData;
 pub use snapshot::SnapshotSink;

@@ -6,27 +6,40 @@ use std::time::Duration;
 
 use openraft::Raft;
 use openraft::storage::RaftStateMachine;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::config::Transport;
 use crate::error::ServerError;
+use crate::service::Service;
 use crate::snapshot::SnapshotData;
 use crate::snapshot::SnapshotSink;
 use crate::types::RaftWireConfig;
 
-/// How long [`Server::shutdown`] lets open calls finish before closing their connections.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// How long [`Server::shutdown`] waits, after the grace period, for the transport to close
+/// its connections and for every request handler to let go of the `Raft`.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A running raftwire server; see [`Server::builder`].
 ///
 /// Dropping it without [`Server::shutdown`] stops it abruptly.
-#[derive(Debug)]
 pub struct Server {
     local_addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
+    shutdown: watch::Sender<bool>,
+    grace: Duration,
     task: JoinHandle<Result<(), ServerError>>,
+    /// Held by every connection and request handler; the count tells when all are gone.
+    service: Arc<dyn std::any::Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .field("grace", &self.grace)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Configures and starts a [`Server`].
@@ -78,26 +91,43 @@ impl Server {
         self.local_addr
     }
 
-    /// Stops accepting, lets open calls finish for a short grace period, then closes every
-    /// connection.
+    /// Stops accepting, lets open calls finish for the configured grace period
+    /// ([`ConfigBuilder::shutdown_grace`](crate::ConfigBuilder::shutdown_grace)), then closes
+    /// every connection. When it returns, no connection or task of this server is left and
+    /// no request reaches the `Raft` through it any more.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
-        if let Some(tx) = self.shutdown.take() {
-            let _ = tx.send(());
-        }
-        match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.task).await {
+        let _ = self.shutdown.send(true);
+        let task = &mut self.task;
+        let result = match tokio::time::timeout(self.grace + CLOSE_TIMEOUT, &mut *task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(ServerError::Serve(join.to_string())),
             Err(_) => {
-                // Long-lived replication streams from peers never end by themselves.
-                self.task.abort();
-                Ok(())
+                task.abort();
+                let _ = task.await;
+                Err(ServerError::Serve(format!(
+                    "the transport did not close within {:?} of the grace period; aborted",
+                    CLOSE_TIMEOUT
+                )))
             }
+        };
+        // Handlers the transport ran as tasks of their own end as their connections close.
+        let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+        while Arc::strong_count(&self.service) > 1 {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ServerError::Serve(format!(
+                    "{} request handlers still hold the Raft {CLOSE_TIMEOUT:?} after closing",
+                    Arc::strong_count(&self.service) - 1
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        result
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
         self.task.abort();
     }
 }
@@ -122,32 +152,24 @@ where
             addr: addr.to_string(),
             source,
         };
-        let (tx, rx) = oneshot::channel::<()>();
+        let (tx, rx) = watch::channel(false);
         let transport = self.config.transport;
+        let grace = self.config.shutdown_grace;
+        let service = Arc::new(Service::new(self.raft, self.sink, &self.config));
         let (local_addr, task) = match transport {
             #[cfg(feature = "grpc")]
             Transport::Grpc => {
                 let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind_err)?;
                 let local_addr = listener.local_addr().map_err(bind_err)?;
-                (
-                    local_addr,
-                    tokio::spawn(crate::grpc::serve(
-                        self.raft,
-                        self.sink,
-                        self.config,
-                        listener,
-                        rx,
-                    )),
-                )
+                let serve = crate::grpc::serve(service.clone(), self.config, listener, rx);
+                (local_addr, tokio::spawn(serve))
             }
             #[cfg(feature = "quic")]
             Transport::Quic => {
                 let socket = crate::quic::udp_socket(addr, &self.config.quic).map_err(bind_err)?;
                 let local_addr = socket.local_addr().map_err(bind_err)?;
-                (
-                    local_addr,
-                    tokio::spawn(crate::quic::serve(self.raft, self.sink, self.config, socket, rx)),
-                )
+                let serve = crate::quic::serve(service.clone(), self.config, socket, rx);
+                (local_addr, tokio::spawn(serve))
             }
         };
         if transport_is_plaintext {
@@ -156,8 +178,10 @@ where
         tracing::info!(%local_addr, transport = transport.name(), "raftwire server listening");
         Ok(Server {
             local_addr,
-            shutdown: Some(tx),
+            shutdown: tx,
+            grace,
             task,
+            service,
         })
     }
 }

@@ -243,6 +243,16 @@ impl TlsConfig {
         self.inner.node_id
     }
 
+    /// A 32-byte secret for `label`, derived from this node's private key: stable across
+    /// restarts of the same identity, unguessable without the key.
+    pub(crate) fn derive_secret(&self, label: &[u8]) -> [u8; 32] {
+        let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, self.inner.key.secret_der());
+        let tag = aws_lc_rs::hmac::sign(&key, label);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(&tag.as_ref()[..32]);
+        out
+    }
+
     /// A server config demanding a client certificate from the cluster CA (and, if set, one of
     /// the allowed node ids).
     pub(crate) fn server_config(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {

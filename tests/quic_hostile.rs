@@ -37,7 +37,7 @@ const KIND_SNAPSHOT_CHUNK: u8 = 9;
 const KIND_ERROR: u8 = 15;
 const BAD_REQUEST: u16 = 1;
 const TOO_LARGE: u16 = 2;
-const REFUSED: u16 = 3;
+const FORBIDDEN: u16 = 8;
 const UNEXPECTED_KIND: u16 = 4;
 /// The server's default cap on concurrent bidirectional streams per connection.
 const MAX_STREAMS: usize = 256;
@@ -357,7 +357,7 @@ async fn unknown_kinds_versions_flags_and_bodies_are_refused() {
     // A certificate speaks for one node only: node 9 may not vote as node 2.
     let reply = arena.exchange(&frame(KIND_VOTE, 3, &vote_body(5, 2)), true).await;
     let (code, message) = error_frame(&reply);
-    assert_eq!(code, REFUSED, "{message}");
+    assert_eq!(code, FORBIDDEN, "{message}");
     arena.assert_serving("a vote for another node").await;
 
     arena.stop().await;
@@ -500,7 +500,7 @@ async fn refusals_are_logged_with_the_peer_and_the_reason() {
     let reply = arena.exchange(&noise(300), true).await;
     assert_eq!(error_frame(&reply).0, BAD_REQUEST);
     let line = logs
-        .line("quic", &["refusing a QUIC stream", "magic", "code=BadRequest"])
+        .line("quic", &["refusing a request", "magic", "kind=BadRequest"])
         .await;
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("node=9"), "the line names the peer's node: {line}");
@@ -514,14 +514,14 @@ async fn refusals_are_logged_with_the_peer_and_the_reason() {
     send.write_all(&header(1, KIND_VOTE, 0, 1000, 1)).await.unwrap();
     send.reset(VarInt::from_u32(7)).unwrap();
     let _ = tokio::time::timeout(ANSWER, recv.read_to_end(64 << 10)).await;
-    let line = logs.line("quic", &["refusing a QUIC stream", "reset", "7"]).await;
+    let line = logs.line("quic", &["refusing a request", "reset", "7"]).await;
     assert!(line.contains("node=9"), "{line}");
 
     let reply = arena.exchange(&header(1, KIND_VOTE, 0, u32::MAX, 1), false).await;
     assert_eq!(error_frame(&reply).0, TOO_LARGE);
     logs.line(
         "quic",
-        &["refusing a QUIC stream", "code=TooLarge", "exceeds the limit"],
+        &["refusing a request", "kind=TooLarge", "exceeds the limit"],
     )
     .await;
 

@@ -121,6 +121,10 @@ impl<'a> Writer<'a> {
         self.buf.put_u16(v);
     }
 
+    fn u32(&mut self, v: u32) {
+        self.buf.put_u32(v);
+    }
+
     fn u64(&mut self, v: u64) {
         self.buf.put_u64(v);
     }
@@ -327,6 +331,10 @@ pub(super) fn encode_frame<C: RaftWireConfig>(
             put_membership::<C>(&mut w, meta.last_membership.membership())?;
         }
         Message::SnapshotChunk(data) => w.chunk(data.clone())?,
+        Message::SnapshotEnd(t) => {
+            w.u64(t.length);
+            w.u32(t.crc32c);
+        }
         Message::SnapshotAck(r) => put_vote(&mut w, &r.vote),
         Message::TransferLeader(r) => {
             put_vote(&mut w, r.from_leader());
@@ -685,6 +693,10 @@ pub(super) fn decode_body<C: RaftWireConfig>(kind: Kind, body: Bytes) -> Result<
             Message::SnapshotMeta { vote, meta }
         }
         Kind::SnapshotChunk => Message::SnapshotChunk(r.rest()),
+        Kind::SnapshotEnd => Message::SnapshotEnd(crate::snapshot::Trailer {
+            length: r.u64("length")?,
+            crc32c: r.u32("crc32c")?,
+        }),
         Kind::SnapshotAck => Message::SnapshotAck(SnapshotResponse {
             vote: get_vote(r, "vote")?,
         }),

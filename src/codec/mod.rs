@@ -47,6 +47,7 @@ use openraft::raft::VoteResponse;
 
 use crate::error::DecodeError;
 use crate::error::EncodeError;
+use crate::snapshot::Trailer;
 use crate::types::RaftWireConfig;
 
 /// The first two bytes of every frame.
@@ -89,6 +90,9 @@ pub(crate) enum Kind {
     TransferLeader = 11,
     /// A [`TransferLeaderResponse`].
     TransferLeaderReply = 12,
+    /// The last frame of a snapshot transfer: the total data length (8 bytes) and the CRC32C
+    /// of the data (4 bytes). A receiver installs nothing without it.
+    SnapshotEnd = 13,
     /// The peer could not handle a request: an [`ErrorCode`] and an explanation.
     Error = 15,
 }
@@ -111,6 +115,7 @@ impl TryFrom<u8> for Kind {
             10 => Kind::SnapshotAck,
             11 => Kind::TransferLeader,
             12 => Kind::TransferLeaderReply,
+            13 => Kind::SnapshotEnd,
             15 => Kind::Error,
             other => return Err(other),
         })
@@ -131,6 +136,12 @@ pub(crate) enum ErrorCode {
     UnexpectedKind = 4,
     /// The receiver failed on its own (for example encoding its reply).
     Internal = 5,
+    /// The sender abandoned the stream before finishing it (used as a QUIC reset code).
+    Aborted = 6,
+    /// The peer made no progress within the receiver's deadline.
+    Timeout = 7,
+    /// The caller may not make this request.
+    Forbidden = 8,
 }
 
 impl TryFrom<u16> for ErrorCode {
@@ -144,6 +155,9 @@ impl TryFrom<u16> for ErrorCode {
             3 => ErrorCode::Refused,
             4 => ErrorCode::UnexpectedKind,
             5 => ErrorCode::Internal,
+            6 => ErrorCode::Aborted,
+            7 => ErrorCode::Timeout,
+            8 => ErrorCode::Forbidden,
             other => return Err(other),
         })
     }
@@ -360,6 +374,8 @@ pub(crate) enum Message<C: RaftWireConfig> {
     },
     /// See [`Kind::SnapshotChunk`].
     SnapshotChunk(Bytes),
+    /// See [`Kind::SnapshotEnd`].
+    SnapshotEnd(Trailer),
     /// See [`Kind::SnapshotAck`].
     SnapshotAck(SnapshotResponse<C>),
     /// See [`Kind::TransferLeader`].
@@ -388,6 +404,7 @@ impl<C: RaftWireConfig> Message<C> {
             Message::StreamAppendReply(_) => Kind::StreamAppendReply,
             Message::SnapshotMeta { .. } => Kind::SnapshotMeta,
             Message::SnapshotChunk(_) => Kind::SnapshotChunk,
+            Message::SnapshotEnd(_) => Kind::SnapshotEnd,
             Message::SnapshotAck(_) => Kind::SnapshotAck,
             Message::TransferLeader(_) => Kind::TransferLeader,
             Message::TransferLeaderReply(_) => Kind::TransferLeaderReply,

@@ -1,24 +1,23 @@
 //! The gRPC client side: one lane (one HTTP/2 connection) per peer and purpose.
 
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use futures::Stream;
+use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use openraft::alias::SnapshotMetaOf;
 use openraft::alias::VoteOf;
 use openraft::network::RPCTypes;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
-use openraft::raft::StreamAppendResult;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use prost::Message;
-use tokio::io::AsyncSeekExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -31,30 +30,65 @@ use super::convert;
 use super::pb;
 use super::pb::raft_client::RaftClient;
 use crate::config::Config;
+use crate::connect::Dialer;
 use crate::error::TransportError;
 use crate::error::error_chain;
+use crate::link;
+use crate::link::Link;
+use crate::link::Purpose;
+use crate::link::Replies;
+use crate::link::SnapshotUpload;
 use crate::pipeline;
 use crate::pipeline::RequestSink;
-use crate::snapshot::SnapshotData;
+use crate::snapshot::Trailer;
 use crate::stats::Stats;
 use crate::tls;
 use crate::types::RaftWireConfig;
 
-/// One HTTP/2 connection to a peer, made on first use and made again after a failure.
+/// The gRPC client side of one factory.
+pub(crate) struct Connector {
+    config: Config,
+    stats: Stats,
+}
+
+impl Connector {
+    pub(crate) fn new(config: &Config, stats: Stats) -> Self {
+        Connector {
+            config: config.clone(),
+            stats,
+        }
+    }
+}
+
+impl<C: RaftWireConfig> link::Connector<C> for Connector {
+    fn link(&self, addr: &str, target: u64, _purpose: Purpose) -> Arc<dyn Link<C>> {
+        Arc::new(Lane::new(addr, target, &self.config, self.stats.clone()))
+    }
+
+    fn shares_purposes(&self) -> bool {
+        // HTTP/2 streams share one TCP connection's head-of-line blocking: heartbeats and
+        // snapshots get connections of their own.
+        false
+    }
+}
+
+/// One HTTP/2 connection to a peer, dialled in the background on first use and again after
+/// a failure.
 pub(crate) struct Lane {
     addr: String,
     endpoint: Result<Endpoint, String>,
     tls: Option<tokio_rustls::TlsConnector>,
     target: u64,
-    channel: Mutex<Option<Channel>>,
+    dialer: Dialer<Channel>,
     max_message_size: usize,
+    max_in_flight_requests: usize,
     stats: Stats,
 }
 
 impl Lane {
     /// Never fails and never connects: a bad address or TLS setup surfaces as `Connect` on
     /// first use.
-    pub(crate) fn new(addr: &str, target: u64, config: &Config, stats: Stats) -> Self {
+    fn new(addr: &str, target: u64, config: &Config, stats: Stats) -> Self {
         let tls = config.tls.as_ref().map(|t| t.client_config(target, b"h2"));
         let (tls, tls_error) = match tls {
             Some(Ok(c)) => (Some(tokio_rustls::TlsConnector::from(Arc::new(c))), None),
@@ -83,51 +117,45 @@ impl Lane {
             endpoint,
             tls,
             target,
-            channel: Mutex::new(None),
+            dialer: Dialer::new(addr, config.connect_timeout, stats.clone()),
             max_message_size: config.max_message_size,
+            max_in_flight_requests: config.max_in_flight_requests,
             stats,
         }
     }
 
-    async fn connect(&self, endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {
-        let Some(connector) = self.tls.clone() else {
-            return endpoint.connect().await;
-        };
-        let addr = self.addr.clone();
-        let name = tls::server_name(self.target);
-        let dial = tower::service_fn(move |_: http::Uri| {
-            let (connector, addr, name) = (connector.clone(), addr.clone(), name.clone());
-            async move {
-                let tcp = tokio::net::TcpStream::connect(&addr).await?;
-                tcp.set_nodelay(true)?;
-                let stream = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
-            }
-        });
-        endpoint.connect_with_connector(dial).await
-    }
-
     async fn client(&self) -> Result<RaftClient<Channel>, TransportError> {
-        let cached = self.channel.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let channel = match cached {
-            Some(c) => c,
-            None => {
-                let endpoint = self.endpoint.as_ref().map_err(|reason| TransportError::Connect {
-                    addr: self.addr.clone(),
-                    reason: reason.clone(),
-                })?;
-                let channel = self
-                    .connect(endpoint)
-                    .await
-                    .map_err(|e| TransportError::Connect {
-                        addr: self.addr.clone(),
-                        reason: error_chain(&e),
-                    })?;
-                self.stats.record_connect();
-                *self.channel.lock().unwrap_or_else(|p| p.into_inner()) = Some(channel.clone());
-                channel
-            }
-        };
+        let (endpoint, tls, addr, name) = (
+            self.endpoint.clone(),
+            self.tls.clone(),
+            self.addr.clone(),
+            tls::server_name(self.target),
+        );
+        let channel = self
+            .dialer
+            .get(
+                |_| true,
+                move || async move {
+                    let endpoint = endpoint?;
+                    let Some(connector) = tls else {
+                        return endpoint.connect().await.map_err(|e| error_chain(&e));
+                    };
+                    let dial = tower::service_fn(move |_: http::Uri| {
+                        let (connector, addr, name) = (connector.clone(), addr.clone(), name.clone());
+                        async move {
+                            let tcp = tokio::net::TcpStream::connect(&addr).await?;
+                            tcp.set_nodelay(true)?;
+                            let stream = connector.connect(name, tcp).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                        }
+                    });
+                    endpoint
+                        .connect_with_connector(dial)
+                        .await
+                        .map_err(|e| error_chain(&e))
+                },
+            )
+            .await?;
         Ok(RaftClient::new(channel)
             .max_decoding_message_size(self.max_message_size)
             .max_encoding_message_size(self.max_message_size))
@@ -141,7 +169,7 @@ impl Lane {
             err,
             TransportError::Broken { .. } | TransportError::Connect { .. }
         ) {
-            self.channel.lock().unwrap_or_else(|p| p.into_inner()).take();
+            self.dialer.forget();
         }
         err
     }
@@ -167,182 +195,214 @@ impl Lane {
             .await
             .map_err(|_| TransportError::Timeout { rpc, after: deadline })?
     }
+}
 
-    pub(crate) async fn vote<C: RaftWireConfig>(
+impl<C: RaftWireConfig> Link<C> for Lane {
+    fn vote(
         &self,
-        req: &VoteRequest<C>,
+        req: VoteRequest<C>,
         pre_vote: bool,
         deadline: Duration,
-    ) -> Result<VoteResponse<C>, TransportError> {
-        let msg = convert::vote_request_to_pb(req);
-        let resp = self
-            .unary(RPCTypes::Vote, deadline, |mut c| async move {
-                if pre_vote {
-                    c.pre_vote(msg).await
-                } else {
-                    c.vote(msg).await
-                }
-            })
-            .await?;
-        convert::vote_response_from_pb(resp).map_err(|source| TransportError::Decode {
-            rpc: RPCTypes::Vote,
-            source,
-        })
-    }
-
-    pub(crate) async fn append<C: RaftWireConfig>(
-        &self,
-        req: &AppendEntriesRequest<C>,
-        deadline: Duration,
-    ) -> Result<AppendEntriesResponse<C>, TransportError> {
-        let msg = convert::append_request_to_pb(req)?;
-        let resp = self
-            .unary(RPCTypes::AppendEntries, deadline, |mut c| async move {
-                c.append_entries(msg).await
-            })
-            .await?;
-        convert::append_response_from_pb(resp).map_err(|source| TransportError::Decode {
-            rpc: RPCTypes::AppendEntries,
-            source,
-        })
-    }
-
-    pub(crate) async fn transfer_leader<C: RaftWireConfig>(
-        &self,
-        req: &TransferLeaderRequest<C>,
-        deadline: Duration,
-    ) -> Result<TransferLeaderResponse<C>, TransportError> {
-        let msg = convert::transfer_request_to_pb(req);
-        let resp = self
-            .unary(RPCTypes::TransferLeader, deadline, |mut c| async move {
-                c.transfer_leader(msg).await
-            })
-            .await?;
-        convert::transfer_response_from_pb(resp).map_err(|source| TransportError::Decode {
-            rpc: RPCTypes::TransferLeader,
-            source,
-        })
-    }
-
-    /// Opens a bidirectional StreamAppend call and pipelines `input` over it.
-    pub(crate) async fn stream_append<'s, C, S>(
-        &'s self,
-        input: S,
-        config: &Config,
-        deadline: Duration,
-    ) -> Result<impl Stream<Item = Result<StreamAppendResult<C>, TransportError>> + Send + 's, TransportError>
-    where
-        C: RaftWireConfig,
-        S: Stream<Item = AppendEntriesRequest<C>> + Send + Unpin + 'static,
-    {
-        let rpc = RPCTypes::AppendEntries;
-        let mut client = tokio::time::timeout(deadline, self.client())
-            .await
-            .map_err(|_| TransportError::Timeout { rpc, after: deadline })??;
-        // Sent but unanswered requests never exceed the window, so this channel never blocks.
-        let (tx, rx) = mpsc::channel(config.max_in_flight_requests);
-        // The call is opened lazily, when the pipeline first waits for a reply: by then the
-        // first request is queued, so headers and data leave together and a one-request
-        // session (a heartbeat) costs one round trip, not two.
-        let call = async move { client.stream_append(ReceiverStream::new(rx)).await };
-        let replies = futures::stream::once(call).flat_map(move |opened| match opened {
-            Ok(response) => response
-                .into_inner()
-                .map(move |r| match r {
-                    Ok(reply) => convert::stream_reply_from_pb(reply)
-                        .map_err(|source| TransportError::Decode { rpc, source }),
-                    Err(status) => Err(self.failed(rpc, status)),
+    ) -> BoxFuture<'_, Result<VoteResponse<C>, TransportError>> {
+        Box::pin(async move {
+            let msg = convert::vote_request_to_pb(&req);
+            let resp = self
+                .unary(RPCTypes::Vote, deadline, |mut c| async move {
+                    if pre_vote {
+                        c.pre_vote(msg).await
+                    } else {
+                        c.vote(msg).await
+                    }
                 })
-                .left_stream(),
-            Err(status) => futures::stream::iter([Err(self.failed(rpc, status))]).right_stream(),
-        });
-        let replies = Box::pin(replies);
-        let window = pipeline::Window {
-            requests: config.max_in_flight_requests,
-            bytes: config.max_in_flight_bytes,
-        };
-        let sink = ChannelSink { tx: Some(tx) };
-        Ok(pipeline::run(
-            input,
-            sink,
-            replies,
-            window,
-            deadline,
-            self.stats.clone(),
-        ))
+                .await?;
+            convert::vote_response_from_pb(resp).map_err(|source| TransportError::Decode {
+                rpc: RPCTypes::Vote,
+                source,
+            })
+        })
     }
 
-    /// Streams a snapshot as a header and chunks of `chunk_size`, reading the data lazily so
-    /// at most a couple of chunks are in memory. `idle` bounds every step that must make
-    /// progress: handing a chunk to the connection, and the final reply.
-    pub(crate) async fn send_snapshot<C, SD>(
+    fn append(
         &self,
-        vote: &VoteOf<C>,
-        meta: &SnapshotMetaOf<C>,
-        mut data: SD,
-        chunk_size: usize,
-        idle: Duration,
-    ) -> Result<SnapshotResponse<C>, TransportError>
-    where
-        C: RaftWireConfig,
-        SD: SnapshotData,
-    {
-        let rpc = RPCTypes::InstallSnapshot;
-        let timeout = |_| TransportError::Timeout { rpc, after: idle };
-        let header = convert::snapshot_header_to_pb::<C>(vote, meta)?;
-        let mut client = tokio::time::timeout(idle, self.client())
-            .await
-            .map_err(timeout)??;
-        let (tx, rx) = mpsc::channel::<pb::SnapshotChunk>(2);
-        let first = pb::SnapshotChunk {
-            kind: Some(pb::snapshot_chunk::Kind::Header(header)),
-        };
-        tx.send(first).await.map_err(|_| TransportError::Broken {
-            rpc,
-            reason: "request stream closed".into(),
-        })?;
+        req: AppendEntriesRequest<C>,
+        deadline: Duration,
+    ) -> BoxFuture<'_, Result<AppendEntriesResponse<C>, TransportError>> {
+        Box::pin(async move {
+            let msg = convert::append_request_to_pb(&req)?;
+            let resp = self
+                .unary(RPCTypes::AppendEntries, deadline, |mut c| async move {
+                    c.append_entries(msg).await
+                })
+                .await?;
+            convert::append_response_from_pb(resp).map_err(|source| TransportError::Decode {
+                rpc: RPCTypes::AppendEntries,
+                source,
+            })
+        })
+    }
 
-        let call = client.install_snapshot(ReceiverStream::new(rx));
-        let stats = self.stats.clone();
-        let produce = async move {
-            data.seek(std::io::SeekFrom::Start(0))
+    fn transfer_leader(
+        &self,
+        req: TransferLeaderRequest<C>,
+        deadline: Duration,
+    ) -> BoxFuture<'_, Result<TransferLeaderResponse<C>, TransportError>> {
+        Box::pin(async move {
+            let msg = convert::transfer_request_to_pb(&req);
+            let resp = self
+                .unary(RPCTypes::TransferLeader, deadline, |mut c| async move {
+                    c.transfer_leader(msg).await
+                })
+                .await?;
+            convert::transfer_response_from_pb(resp).map_err(|source| TransportError::Decode {
+                rpc: RPCTypes::TransferLeader,
+                source,
+            })
+        })
+    }
+
+    fn stream_append<'s>(
+        &'s self,
+        input: BoxStream<'static, AppendEntriesRequest<C>>,
+        config: &'s Config,
+        deadline: Duration,
+        _purpose: Purpose,
+    ) -> BoxFuture<'s, Result<Replies<'s, C>, TransportError>> {
+        Box::pin(async move {
+            let rpc = RPCTypes::AppendEntries;
+            let mut client = tokio::time::timeout(deadline, self.client())
                 .await
-                .map_err(TransportError::SnapshotRead)?;
-            loop {
-                let next = crate::snapshot::next_chunk(&mut data, chunk_size).await;
-                let Some(buf) = next.map_err(TransportError::SnapshotRead)? else {
-                    return Ok::<_, TransportError>(());
-                };
-                let n = buf.len();
-                let chunk = pb::SnapshotChunk {
-                    kind: Some(pb::snapshot_chunk::Kind::Data(buf)),
-                };
-                tokio::time::timeout(idle, tx.send(chunk))
-                    .await
-                    .map_err(timeout)?
-                    .map_err(|_| TransportError::Broken {
-                        rpc,
-                        reason: "receiver closed the stream".into(),
-                    })?;
-                stats.record_snapshot_bytes(n);
-            }
-            // `tx` drops here: the request stream ends and the receiver installs.
-        };
-        tokio::pin!(call);
-        tokio::pin!(produce);
-        let answered = tokio::select! {
-            produced = &mut produce => { produced?; None }
-            early = &mut call => Some(early),
-        };
-        let resp = match answered {
-            // The receiver answered before taking all chunks: that answer is an error.
-            Some(early) => early,
-            None => tokio::time::timeout(idle, call).await.map_err(timeout)?,
+                .map_err(|_| TransportError::Timeout { rpc, after: deadline })??;
+            // Sent but unanswered requests never exceed the window, so this channel never blocks.
+            let (tx, rx) = mpsc::channel(self.max_in_flight_requests);
+            // The call is opened lazily, when the pipeline first waits for a reply: by then the
+            // first request is queued, so headers and data leave together and a one-request
+            // session (a heartbeat) costs one round trip, not two.
+            let call = async move { client.stream_append(ReceiverStream::new(rx)).await };
+            let replies = futures::stream::once(call).flat_map(move |opened| match opened {
+                Ok(response) => response
+                    .into_inner()
+                    .map(move |r| match r {
+                        Ok(reply) => convert::stream_reply_from_pb(reply)
+                            .map_err(|source| TransportError::Decode { rpc, source }),
+                        Err(status) => Err(self.failed(rpc, status)),
+                    })
+                    .left_stream(),
+                Err(status) => futures::stream::iter([Err(self.failed(rpc, status))]).right_stream(),
+            });
+            let window = pipeline::Window {
+                requests: config.max_in_flight_requests,
+                bytes: config.max_in_flight_bytes,
+            };
+            let sink = ChannelSink { tx: Some(tx) };
+            let replies: Replies<'s, C> = Box::pin(pipeline::run(
+                input,
+                sink,
+                Box::pin(replies),
+                window,
+                deadline,
+                self.stats.clone(),
+            ));
+            Ok(replies)
+        })
+    }
+
+    fn open_snapshot<'s>(
+        &'s self,
+        vote: VoteOf<C>,
+        meta: SnapshotMetaOf<C>,
+    ) -> BoxFuture<'s, Result<Box<dyn SnapshotUpload<C> + 's>, TransportError>> {
+        Box::pin(async move {
+            let header = convert::snapshot_header_to_pb::<C>(&vote, &meta)?;
+            let mut client = self.client().await?;
+            let (tx, rx) = mpsc::channel::<pb::SnapshotChunk>(2);
+            let first = pb::SnapshotChunk {
+                kind: Some(pb::snapshot_chunk::Kind::Header(header)),
+            };
+            // The channel is empty and open: this cannot wait.
+            let _ = tx.try_send(first);
+            // The call runs as a task so chunks flow while we read the next one; dropping the
+            // upload aborts it, which resets the HTTP/2 stream.
+            let call = tokio::spawn(async move { client.install_snapshot(ReceiverStream::new(rx)).await });
+            let upload: Box<dyn SnapshotUpload<C> + 's> = Box::new(Upload {
+                lane: self,
+                tx: Some(tx),
+                call,
+            });
+            Ok(upload)
+        })
+    }
+}
+
+/// A snapshot call in progress: chunks go through `tx`; the call's answer comes from `call`.
+struct Upload<'a> {
+    lane: &'a Lane,
+    tx: Option<mpsc::Sender<pb::SnapshotChunk>>,
+    call: tokio::task::JoinHandle<Result<tonic::Response<pb::SnapshotResponse>, Status>>,
+}
+
+impl Upload<'_> {
+    /// The call's outcome once it has ended (early, with a refusal, or after the trailer).
+    async fn answer(&mut self) -> Result<pb::SnapshotResponse, TransportError> {
+        let rpc = RPCTypes::InstallSnapshot;
+        match (&mut self.call).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => Err(self.lane.failed(rpc, status)),
+            Err(join) => Err(TransportError::Broken {
+                rpc,
+                reason: format!("snapshot call failed: {join}"),
+            }),
         }
-        .map_err(|s| self.failed(rpc, s))?
-        .into_inner();
-        self.stats.record_snapshot_sent();
-        convert::snapshot_response_from_pb(resp).map_err(|source| TransportError::Decode { rpc, source })
+    }
+
+    async fn push(&mut self, kind: pb::snapshot_chunk::Kind) -> Result<(), TransportError> {
+        let chunk = pb::SnapshotChunk { kind: Some(kind) };
+        let sent = match &self.tx {
+            Some(tx) => tx.send(chunk).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        // The call ended before taking every chunk: its answer says why.
+        self.tx = None;
+        match self.answer().await {
+            Err(e) => Err(e),
+            Ok(_) => Err(TransportError::Broken {
+                rpc: RPCTypes::InstallSnapshot,
+                reason: "the receiver answered before the snapshot was complete".into(),
+            }),
+        }
+    }
+}
+
+impl<C: RaftWireConfig> SnapshotUpload<C> for Upload<'_> {
+    fn send(&mut self, data: Bytes) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(self.push(pb::snapshot_chunk::Kind::Data(data)))
+    }
+
+    fn finish(&mut self, trailer: Trailer) -> BoxFuture<'_, Result<SnapshotResponse<C>, TransportError>> {
+        Box::pin(async move {
+            self.push(pb::snapshot_chunk::Kind::Trailer(pb::SnapshotTrailer {
+                length: trailer.length,
+                crc32c: trailer.crc32c,
+            }))
+            .await?;
+            // The request stream ends here: the receiver verifies and installs.
+            self.tx = None;
+            let resp = self.answer().await?;
+            convert::snapshot_response_from_pb(resp).map_err(|source| TransportError::Decode {
+                rpc: RPCTypes::InstallSnapshot,
+                source,
+            })
+        })
+    }
+}
+
+impl Drop for Upload<'_> {
+    fn drop(&mut self) {
+        // Unfinished: the call is dropped (its stream reset) before the request stream can
+        // end; a receiver that sees an end anyway finds no trailer and installs nothing.
+        self.call.abort();
     }
 }
 

@@ -5,7 +5,7 @@ mod convert;
 mod serve;
 mod server;
 
-pub(crate) use client::Lane;
+pub(crate) use client::Connector;
 pub(crate) use serve::serve;
 pub(crate) use server::RaftService;
 use server::remap_oversize;

@@ -1,6 +1,7 @@
 //! The gRPC accept loop: plain TCP, or TLS with the caller's node identity attached to every
 //! request.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -9,8 +10,8 @@ use std::task::Context;
 use std::task::Poll;
 use std::time::Duration;
 
+use futures::FutureExt;
 use futures::StreamExt;
-use openraft::Raft;
 use openraft::storage::RaftStateMachine;
 use tokio::io::AsyncRead;
 use tokio::io::AsyncWrite;
@@ -18,75 +19,105 @@ use tokio::io::ReadBuf;
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::pb::raft_server::RaftServer;
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::service::Service;
 use crate::snapshot::SnapshotData;
-use crate::snapshot::SnapshotSink;
 use crate::tls;
 use crate::types::RaftWireConfig;
 
-/// Who is calling: attached to every request of a TLS connection.
+/// Who is calling: attached to every request of a connection.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Caller {
-    /// The node id from the caller's verified certificate.
-    pub(crate) node_id: u64,
+pub(crate) struct ConnInfo {
+    /// The node id from the caller's verified certificate; `None` on a plaintext server.
+    pub(crate) node_id: Option<u64>,
     /// The caller's address.
     pub(crate) addr: SocketAddr,
 }
 
-/// A server-side TLS connection that knows its peer.
-struct TlsConn {
-    stream: tokio_rustls::server::TlsStream<TcpStream>,
-    caller: Caller,
+/// A server-side connection that knows its peer and dies when the server's kill switch
+/// flips: once the shutdown grace period is over, every read and write fails, so hyper ends
+/// the connection (and with it the streams a leader would otherwise keep open forever).
+struct Conn<IO> {
+    io: IO,
+    info: ConnInfo,
+    killed: Pin<Box<dyn Future<Output = ()> + Send>>,
 }
 
-impl tonic::transport::server::Connected for TlsConn {
-    type ConnectInfo = Caller;
+impl<IO> Conn<IO> {
+    fn new(io: IO, info: ConnInfo, mut kill: watch::Receiver<bool>) -> Self {
+        let killed = Box::pin(async move {
+            let _ = kill.wait_for(|k| *k).await;
+        });
+        Conn { io, info, killed }
+    }
 
-    fn connect_info(&self) -> Caller {
-        self.caller
+    /// `Err` once the kill switch has flipped; registers the waker otherwise.
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        match self.killed.as_mut().poll(cx) {
+            Poll::Ready(()) => Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "server shut down",
+            )),
+            Poll::Pending => Ok(()),
+        }
     }
 }
 
-impl AsyncRead for TlsConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+impl<IO> tonic::transport::server::Connected for Conn<IO> {
+    type ConnectInfo = ConnInfo;
+
+    fn connect_info(&self) -> ConnInfo {
+        self.info
     }
 }
 
-impl AsyncWrite for TlsConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
+impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_flush(cx)
     }
 
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
+
+type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 
 /// Accepts TCP connections and completes each TLS handshake in its own task (bounded by
 /// `timeout`), so a slow or hostile client never holds up the others.
@@ -94,9 +125,11 @@ fn accept_tls(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     timeout: Duration,
-) -> (ReceiverStream<io::Result<TlsConn>>, AbortOnDrop) {
+    kill: watch::Receiver<bool>,
+) -> (ReceiverStream<io::Result<Conn<TlsStream>>>, AbortOnDrop) {
     let (tx, rx) = mpsc::channel(64);
     let task = tokio::spawn(async move {
+        let mut handshakes = JoinSet::new();
         loop {
             let (tcp, addr) = match listener.accept().await {
                 Ok(accepted) => accepted,
@@ -107,8 +140,10 @@ fn accept_tls(
                     continue;
                 }
             };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
+            while handshakes.try_join_next().is_some() {}
+            let (acceptor, tx, kill) = (acceptor.clone(), tx.clone(), kill.clone());
+            // Handshakes are tasks of this loop: stopping the loop stops them too.
+            handshakes.spawn(async move {
                 let _ = tcp.set_nodelay(true);
                 let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => stream,
@@ -120,20 +155,18 @@ fn accept_tls(
                     return tracing::warn!(%addr, "TLS peer has no node identity; closing");
                 };
                 tracing::debug!(%addr, node_id, "TLS connection accepted");
-                let _ = tx
-                    .send(Ok(TlsConn {
-                        stream,
-                        caller: Caller { node_id, addr },
-                    }))
-                    .await;
+                let info = ConnInfo {
+                    node_id: Some(node_id),
+                    addr,
+                };
+                let _ = tx.send(Ok(Conn::new(stream, info, kill))).await;
             });
         }
     });
     (ReceiverStream::new(rx), AbortOnDrop(task))
 }
 
-/// Stops the accept loop (and so releases the listening port) however `serve` ends, aborted
-/// by [`Server::shutdown`](crate::Server::shutdown) included.
+/// Stops the accept loop (and so releases the listening port) however `serve` ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -142,20 +175,20 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Serves `raft` over gRPC on `listener` until `shutdown` fires.
+/// Serves `service` over gRPC on `listener` until `shutdown` fires; then stops accepting,
+/// gives open calls the configured grace period and closes every connection.
 pub(crate) async fn serve<C, SM>(
-    raft: Raft<C, SM>,
-    sink: Arc<dyn SnapshotSink<SM::SnapshotData>>,
+    service: Arc<Service<C, SM>>,
     config: Config,
     listener: TcpListener,
-    shutdown: oneshot::Receiver<()>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServerError>
 where
     C: RaftWireConfig,
     SM: RaftStateMachine<C>,
     SM::SnapshotData: SnapshotData,
 {
-    let service = RaftServer::new(super::RaftService::new(raft, sink))
+    let service = RaftServer::new(super::RaftService::new(service))
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
     let router = tonic::transport::Server::builder()
@@ -166,27 +199,50 @@ where
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(tower::util::MapResponseLayer::new(super::remap_oversize))
         .add_service(service);
-    let stop = async {
-        let _ = shutdown.await;
+    let (kill_tx, kill) = watch::channel(false);
+    let mut stop = shutdown.clone();
+    let stop = async move {
+        let _ = stop.wait_for(|s| *s).await;
     };
-    let result = match &config.tls {
+    let (serving, _accepting) = match &config.tls {
         None => {
             // Accepted sockets do not inherit the builder's nodelay: without it, small replies
             // wait on Nagle's algorithm and the peer's delayed ACK.
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
-                conn.inspect(|tcp| {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |conn| {
+                conn.map(|tcp| {
                     let _ = tcp.set_nodelay(true);
+                    let addr = tcp.peer_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
+                    Conn::new(tcp, ConnInfo { node_id: None, addr }, kill.clone())
                 })
             });
-            router.serve_with_incoming_shutdown(incoming, stop).await
+            (router.serve_with_incoming_shutdown(incoming, stop).boxed(), None)
         }
         Some(tls) => {
             let server_config = tls
                 .server_config(b"h2")
                 .map_err(|e| ServerError::Serve(e.to_string()))?;
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
-            let (incoming, _accepting) = accept_tls(listener, acceptor, config.connect_timeout);
-            router.serve_with_incoming_shutdown(incoming, stop).await
+            let (incoming, accepting) = accept_tls(listener, acceptor, config.connect_timeout, kill);
+            (
+                router.serve_with_incoming_shutdown(incoming, stop).boxed(),
+                Some(accepting),
+            )
+        }
+    };
+    let mut serving = serving;
+    let mut shutdown = shutdown;
+    tokio::select! {
+        result = &mut serving => return result.map_err(|e| ServerError::Serve(e.to_string())),
+        _ = shutdown.wait_for(|s| *s) => {}
+    }
+    // tonic has stopped accepting and asked every connection to close (GOAWAY); calls in
+    // flight get the grace period, then every connection is cut.
+    let result = match tokio::time::timeout(config.shutdown_grace, &mut serving).await {
+        Ok(result) => result,
+        Err(_) => {
+            tracing::info!("gRPC calls still open after the shutdown grace period; closing their connections");
+            let _ = kill_tx.send(true);
+            serving.await
         }
     };
     result.map_err(|e| ServerError::Serve(e.to_string()))

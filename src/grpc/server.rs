@@ -1,16 +1,12 @@
-//! The gRPC server side: forwards every RPC to the local `Raft`.
+//! The gRPC server side: decodes each RPC, hands it to the shared server core, encodes the
+//! answer.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::Mutex;
 
 use futures::Stream;
 use futures::StreamExt;
-use openraft::Raft;
-use openraft::Snapshot;
 use openraft::storage::RaftStateMachine;
-use tokio::io::AsyncSeekExt;
-use tokio::io::AsyncWriteExt;
 use tonic::Code;
 use tonic::Request;
 use tonic::Response;
@@ -20,22 +16,26 @@ use tonic::Streaming;
 use super::ERROR_MARK;
 use super::convert;
 use super::pb;
-use super::serve::Caller;
+use super::serve::ConnInfo;
 use crate::error::DecodeError;
+use crate::service::Caller;
+use crate::service::Refusal;
+use crate::service::RefusalKind;
+use crate::service::Service;
+use crate::service::refuse;
+use crate::snapshot::Part;
 use crate::snapshot::SnapshotData;
-use crate::snapshot::SnapshotSink;
-use crate::tls;
+use crate::snapshot::Trailer;
 use crate::types::RaftWireConfig;
 
-/// Serves one `Raft` over gRPC.
+/// Serves the server core over gRPC: decodes, hands over, encodes.
 pub(crate) struct RaftService<C: RaftWireConfig, SM: RaftStateMachine<C>> {
-    raft: Raft<C, SM>,
-    sink: Arc<dyn SnapshotSink<SM::SnapshotData>>,
+    service: Arc<Service<C, SM>>,
 }
 
 impl<C: RaftWireConfig, SM: RaftStateMachine<C>> RaftService<C, SM> {
-    pub(crate) fn new(raft: Raft<C, SM>, sink: Arc<dyn SnapshotSink<SM::SnapshotData>>) -> Self {
-        RaftService { raft, sink }
+    pub(crate) fn new(service: Arc<Service<C, SM>>) -> Self {
+        RaftService { service }
     }
 }
 
@@ -47,15 +47,24 @@ fn marked(mut status: Status) -> Status {
     status
 }
 
-/// A request that does not decode: logged, and answered with `InvalidArgument` naming the field.
-fn bad_request(rpc: &str, e: DecodeError) -> Status {
-    tracing::warn!(rpc, field = e.field(), "refusing malformed request: {e}");
-    marked(Status::invalid_argument(format!("{rpc}: {e}")))
+/// The gRPC status of a refusal.
+fn status(r: Refusal) -> Status {
+    let code = match r.kind {
+        RefusalKind::BadRequest => Code::InvalidArgument,
+        RefusalKind::TooLarge => Code::ResourceExhausted,
+        RefusalKind::Forbidden => Code::PermissionDenied,
+        RefusalKind::UnexpectedKind => Code::InvalidArgument,
+        RefusalKind::Unavailable => Code::Unavailable,
+        RefusalKind::Timeout => Code::DeadlineExceeded,
+        RefusalKind::Internal => Code::Internal,
+    };
+    marked(Status::new(code, r.message))
 }
 
-fn raft_failed(rpc: &str, e: impl std::fmt::Display) -> Status {
-    tracing::warn!(rpc, "local raft failed the request: {e}");
-    marked(Status::unavailable(format!("{rpc}: raft: {e}")))
+/// A request that does not decode: logged, and answered with `InvalidArgument` naming the field.
+fn bad_request(caller: &Caller, rpc: &str, e: DecodeError) -> Refusal {
+    tracing::debug!(rpc, field = e.field(), "malformed request");
+    refuse(caller, rpc, RefusalKind::BadRequest, format!("{rpc}: {e}"))
 }
 
 /// tonic refuses a message over the decoding limit with `OutOfRange` (the only source of that
@@ -123,18 +132,13 @@ impl http_body::Body for RemapTrailers {
     }
 }
 
-/// The calling node's id, from its TLS certificate (`None` on a plaintext server).
-fn caller<T>(req: &Request<T>) -> Option<Caller> {
-    req.extensions().get::<Caller>().copied()
-}
-
-/// Refuses a request made on behalf of a node other than the caller (see [`tls::speaks_for`]).
-fn check_caller(rpc: &str, caller: Option<Caller>, claimed: u64) -> Result<(), Status> {
-    tls::speaks_for(caller.map(|c| c.node_id), claimed).map_err(|e| {
-        let addr = caller.map(|c| c.addr.to_string()).unwrap_or_default();
-        tracing::warn!(rpc, %addr, "refusing a request: {e}");
-        marked(Status::permission_denied(format!("{rpc}: {e}")))
-    })
+/// The calling node, from its TLS certificate (no node id on a plaintext server).
+fn caller<T>(req: &Request<T>) -> Caller {
+    let conn = req.extensions().get::<ConnInfo>().copied();
+    Caller {
+        node_id: conn.and_then(|c| c.node_id),
+        addr: conn.map_or_else(|| ([0, 0, 0, 0], 0).into(), |c| c.addr),
+    }
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::StreamAppendReply, Status>> + Send + 'static>>;
@@ -148,22 +152,17 @@ where
 {
     async fn vote(&self, req: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
         let caller = caller(&req);
-        let req = convert::vote_request_from_pb::<C>(req.into_inner()).map_err(|e| bad_request("Vote", e))?;
-        check_caller("Vote", caller, req.vote.leader_id.node_id)?;
-        let resp = self.raft.vote(req).await.map_err(|e| raft_failed("Vote", e))?;
+        let req = convert::vote_request_from_pb::<C>(req.into_inner())
+            .map_err(|e| status(bad_request(&caller, "Vote", e)))?;
+        let resp = self.service.vote(caller, req, false).await.map_err(status)?;
         Ok(Response::new(convert::vote_response_to_pb(&resp)))
     }
 
     async fn pre_vote(&self, req: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
         let caller = caller(&req);
-        let req =
-            convert::vote_request_from_pb::<C>(req.into_inner()).map_err(|e| bad_request("PreVote", e))?;
-        check_caller("PreVote", caller, req.vote.leader_id.node_id)?;
-        let resp = self
-            .raft
-            .pre_vote(req)
-            .await
-            .map_err(|e| raft_failed("PreVote", e))?;
+        let req = convert::vote_request_from_pb::<C>(req.into_inner())
+            .map_err(|e| status(bad_request(&caller, "PreVote", e)))?;
+        let resp = self.service.vote(caller, req, true).await.map_err(status)?;
         Ok(Response::new(convert::vote_response_to_pb(&resp)))
     }
 
@@ -173,13 +172,8 @@ where
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
         let caller = caller(&req);
         let req = convert::append_request_from_pb::<C>(req.into_inner())
-            .map_err(|e| bad_request("AppendEntries", e))?;
-        check_caller("AppendEntries", caller, req.vote.leader_id.node_id)?;
-        let resp = self
-            .raft
-            .append_entries(req)
-            .await
-            .map_err(|e| raft_failed("AppendEntries", e))?;
+            .map_err(|e| status(bad_request(&caller, "AppendEntries", e)))?;
+        let resp = self.service.append(caller, req).await.map_err(status)?;
         Ok(Response::new(convert::append_response_to_pb(&resp)))
     }
 
@@ -189,53 +183,32 @@ where
         &self,
         req: Request<Streaming<pb::AppendEntriesRequest>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
-        // Requests are decoded as they arrive and fed straight to Raft. The first one that
-        // does not decode (or a broken stream) ends the input; its error is reported after the
-        // replies to every earlier request, so nothing accepted goes unanswered.
-        let failure: Arc<Mutex<Option<Status>>> = Arc::default();
-        let input_failure = failure.clone();
         let caller = caller(&req);
-        let input = req.into_inner().scan(0usize, move |seq, item| {
-            let i = *seq;
-            *seq += 1;
-            let decoded = match item {
-                Ok(msg) => convert::append_request_from_pb::<C>(msg)
-                    .map_err(|e| bad_request("StreamAppend", e.within(&format!("request[{i}]"))))
-                    .and_then(|req| {
-                        check_caller("StreamAppend", caller, req.vote.leader_id.node_id).map(|()| req)
-                    }),
-                Err(status) if is_oversize(status.code()) => {
-                    tracing::warn!(
-                        "StreamAppend: refusing oversized request[{i}]: {}",
-                        status.message()
-                    );
-                    Err(marked(Status::resource_exhausted(format!(
-                        "request[{i}]: {}",
-                        status.message()
-                    ))))
-                }
-                Err(status) => {
-                    tracing::debug!("StreamAppend: request stream ended with {status}");
-                    Err(status)
-                }
-            };
-            let next = match decoded {
-                Ok(req) => Some(req),
-                Err(status) => {
-                    *input_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(status);
-                    None
-                }
-            };
-            futures::future::ready(next)
+        let input = req.into_inner().enumerate().map(move |(i, item)| match item {
+            // The core logs the refusals of its input.
+            Ok(msg) => convert::append_request_from_pb::<C>(msg).map_err(|e| {
+                Refusal::new(
+                    RefusalKind::BadRequest,
+                    format!("StreamAppend: {}", e.within(&format!("request[{i}]"))),
+                )
+            }),
+            Err(status) if is_oversize(status.code()) => Err(Refusal::new(
+                RefusalKind::TooLarge,
+                format!("request[{i}]: {}", status.message()),
+            )),
+            Err(status) => {
+                tracing::debug!("StreamAppend: request stream ended with {status}");
+                Err(Refusal::new(
+                    RefusalKind::BadRequest,
+                    format!("request stream broke: {}", status.message()),
+                ))
+            }
         });
-        let replies = self.raft.stream_append(input).map(|r| match r {
-            Ok(result) => Ok(convert::stream_reply_to_pb(&result)),
-            Err(fatal) => Err(raft_failed("StreamAppend", fatal)),
-        });
-        let trailer =
-            futures::stream::once(async move { failure.lock().unwrap_or_else(|p| p.into_inner()).take() })
-                .filter_map(|f| futures::future::ready(f.map(Err)));
-        Ok(Response::new(Box::pin(replies.chain(trailer))))
+        let replies = self
+            .service
+            .stream_append(caller, input)
+            .map(|r| r.map(|result| convert::stream_reply_to_pb(&result)).map_err(status));
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn install_snapshot(
@@ -251,61 +224,53 @@ where
                 kind: Some(Kind::Header(h)),
             }) => h,
             Some(_) => {
-                return Err(bad_request(
+                return Err(status(bad_request(
+                    &caller,
                     rpc,
                     DecodeError::invalid("chunk[0]", "the first chunk must be a header"),
-                ));
+                )));
             }
-            None => return Err(bad_request(rpc, DecodeError::missing("header"))),
+            None => return Err(status(bad_request(&caller, rpc, DecodeError::missing("header")))),
         };
-        let (vote, meta) = convert::snapshot_header_from_pb::<C>(header).map_err(|e| bad_request(rpc, e))?;
-        check_caller(rpc, caller, vote.leader_id.node_id)?;
-        let mut data = self
-            .sink
-            .create()
-            .await
-            .map_err(|e| raft_failed(rpc, format!("cannot create snapshot data: {e}")))?;
-        let mut received = 0u64;
-        let mut index = 1usize;
-        while let Some(chunk) = chunks.message().await? {
-            match chunk.kind {
-                Some(Kind::Data(bytes)) => {
-                    data.write_all(&bytes)
-                        .await
-                        .map_err(|e| raft_failed(rpc, format!("writing snapshot data failed: {e}")))?;
-                    received += bytes.len() as u64;
-                }
-                Some(Kind::Header(_)) => {
-                    return Err(bad_request(
-                        rpc,
-                        DecodeError::invalid(&format!("chunk[{index}]"), "a second header"),
-                    ));
-                }
-                None => {
-                    return Err(bad_request(
-                        rpc,
-                        DecodeError::missing(&format!("chunk[{index}].kind")),
-                    ));
-                }
+        let (vote, meta) = convert::snapshot_header_from_pb::<C>(header)
+            .map_err(|e| status(bad_request(&caller, rpc, e)))?;
+        let parts = chunks.enumerate().map(|(i, chunk)| {
+            let index = i + 1;
+            match chunk {
+                Ok(pb::SnapshotChunk {
+                    kind: Some(Kind::Data(bytes)),
+                }) => Ok(Part::Data(bytes)),
+                Ok(pb::SnapshotChunk {
+                    kind: Some(Kind::Trailer(t)),
+                }) => Ok(Part::End(Trailer {
+                    length: t.length,
+                    crc32c: t.crc32c,
+                })),
+                Ok(pb::SnapshotChunk {
+                    kind: Some(Kind::Header(_)),
+                }) => Err(Refusal::new(
+                    RefusalKind::UnexpectedKind,
+                    format!("chunk[{index}]: a second header"),
+                )),
+                Ok(pb::SnapshotChunk { kind: None }) => Err(Refusal::new(
+                    RefusalKind::BadRequest,
+                    format!("chunk[{index}].kind: missing"),
+                )),
+                Err(s) if is_oversize(s.code()) => Err(Refusal::new(
+                    RefusalKind::TooLarge,
+                    format!("chunk[{index}]: {}", s.message()),
+                )),
+                Err(s) => Err(Refusal::new(
+                    RefusalKind::BadRequest,
+                    format!("the snapshot stream broke at chunk[{index}]: {}", s.message()),
+                )),
             }
-            index += 1;
-        }
-        data.flush()
-            .await
-            .map_err(|e| raft_failed(rpc, format!("flushing snapshot data failed: {e}")))?;
-        data.seek(std::io::SeekFrom::Start(0))
-            .await
-            .map_err(|e| raft_failed(rpc, format!("rewinding snapshot data failed: {e}")))?;
-        tracing::info!(
-            bytes = received,
-            chunks = index - 1,
-            "snapshot received, installing"
-        );
+        });
         let resp = self
-            .raft
-            .install_full_snapshot(vote, Snapshot { meta, snapshot: data })
+            .service
+            .install_snapshot(caller, vote, meta, parts)
             .await
-            .map_err(|e| raft_failed(rpc, e))?;
+            .map_err(status)?;
         Ok(Response::new(convert::snapshot_response_to_pb(&resp)))
     }
 
@@ -315,13 +280,8 @@ where
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
         let caller = caller(&req);
         let req = convert::transfer_request_from_pb::<C>(req.into_inner())
-            .map_err(|e| bad_request("TransferLeader", e))?;
-        check_caller("TransferLeader", caller, req.from_leader().leader_id.node_id)?;
-        let resp = self
-            .raft
-            .handle_transfer_leader(req)
-            .await
-            .map_err(|e| raft_failed("TransferLeader", e))?;
+            .map_err(|e| status(bad_request(&caller, "TransferLeader", e)))?;
+        let resp = self.service.transfer_leader(caller, req).await.map_err(status)?;
         Ok(Response::new(convert::transfer_response_to_pb(&resp)))
     }
 }

@@ -1,63 +1,127 @@
 //! The QUIC client side: one connection per peer, a stream per call or session.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use futures::Stream;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 use openraft::alias::SnapshotMetaOf;
 use openraft::alias::VoteOf;
 use openraft::network::RPCTypes;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
-use openraft::raft::StreamAppendResult;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
-use tokio::io::AsyncSeekExt;
 
 use super::FrameReader;
+use super::Outgoing;
 use super::WriteError;
-use super::write_frame;
 use crate::codec::Message;
 use crate::config::Config;
 use crate::config::QuicTuning;
+use crate::connect::Dialer;
 use crate::error::TransportError;
 use crate::error::error_chain;
+use crate::link;
+use crate::link::Link;
+use crate::link::Purpose;
+use crate::link::Replies;
+use crate::link::SnapshotUpload;
 use crate::pipeline;
 use crate::pipeline::RequestSink;
-use crate::snapshot::SnapshotData;
+use crate::snapshot::Trailer;
 use crate::stats::Stats;
 use crate::tls;
 use crate::types::RaftWireConfig;
 
 /// Stream priority of heartbeats: ahead of replication and snapshot data when both wait.
-pub(crate) const HEARTBEAT_PRIORITY: i32 = 10;
+const HEARTBEAT_PRIORITY: i32 = 10;
 
-#[derive(Default)]
-struct State {
-    endpoint: Option<quinn::Endpoint>,
-    conn: Option<quinn::Connection>,
+/// The QUIC client side of one factory: one endpoint (one UDP socket) per address family,
+/// shared by the connections to every peer.
+pub(crate) struct Connector {
+    shared: Arc<Shared>,
 }
 
-/// The QUIC connection to one peer, shared by every client of that peer; made on first use
-/// and made again once it is closed.
+struct Shared {
+    tls: Option<crate::tls::TlsConfig>,
+    tuning: QuicTuning,
+    connect_timeout: Duration,
+    max_len: usize,
+    stats: Stats,
+    /// IPv4 and IPv6 endpoints, made on first use.
+    endpoints: Mutex<[Option<quinn::Endpoint>; 2]>,
+}
+
+impl Connector {
+    pub(crate) fn new(config: &Config, stats: Stats) -> Self {
+        Connector {
+            shared: Arc::new(Shared {
+                tls: config.tls.clone(),
+                tuning: config.quic.clone(),
+                connect_timeout: config.connect_timeout,
+                max_len: super::max_frame(config),
+                stats,
+                endpoints: Mutex::new([None, None]),
+            }),
+        }
+    }
+}
+
+impl<C: RaftWireConfig> link::Connector<C> for Connector {
+    fn link(&self, addr: &str, target: u64, _purpose: Purpose) -> Arc<dyn Link<C>> {
+        Arc::new(Lane::new(addr, target, self.shared.clone()))
+    }
+
+    fn shares_purposes(&self) -> bool {
+        // Streams on one connection are flow-controlled apart: no head-of-line blocking.
+        true
+    }
+}
+
+impl Shared {
+    /// The factory's endpoint for `peer`'s address family, bound on first use.
+    fn endpoint(&self, peer: SocketAddr) -> Result<quinn::Endpoint, String> {
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = &mut endpoints[usize::from(peer.is_ipv6())];
+        if let Some(e) = slot {
+            return Ok(e.clone());
+        }
+        let local: SocketAddr = if peer.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = super::udp_socket(local, &self.tuning).map_err(|e| e.to_string())?;
+        let runtime = quinn::default_runtime().ok_or("no async runtime")?;
+        let endpoint_config = super::endpoint_config(self.tls.as_ref());
+        let endpoint =
+            quinn::Endpoint::new(endpoint_config, None, socket, runtime).map_err(|e| e.to_string())?;
+        *slot = Some(endpoint.clone());
+        Ok(endpoint)
+    }
+}
+
+/// The QUIC connection to one peer, shared by every client of that peer; dialled in the
+/// background on first use and again once it is closed.
 pub(crate) struct Lane {
     addr: String,
     target: u64,
     client_config: Result<quinn::ClientConfig, String>,
-    tuning: QuicTuning,
-    connect_timeout: Duration,
-    max_len: usize,
-    state: tokio::sync::Mutex<State>,
-    stats: Stats,
+    shared: Arc<Shared>,
+    dialer: Dialer<quinn::Connection>,
 }
 
 impl Lane {
     /// Never fails and never connects: bad TLS setup surfaces as `Connect` on first use.
-    pub(crate) fn new(addr: &str, target: u64, config: &Config, stats: Stats) -> Self {
-        let client_config = match &config.tls {
+    fn new(addr: &str, target: u64, shared: Arc<Shared>) -> Self {
+        let client_config = match &shared.tls {
             None => Err("QUIC needs a TLS identity".to_string()),
             Some(t) => t
                 .client_config(target, super::ALPN)
@@ -67,8 +131,8 @@ impl Lane {
                         .map_err(|e| format!("TLS setup unusable for QUIC: {e}"))
                 })
                 .map(|c| {
-                    let mut cc = quinn::ClientConfig::new(std::sync::Arc::new(c));
-                    cc.transport_config(std::sync::Arc::new(super::transport_config(&config.quic)));
+                    let mut cc = quinn::ClientConfig::new(Arc::new(c));
+                    cc.transport_config(Arc::new(super::transport_config(&shared.tuning)));
                     cc
                 }),
         };
@@ -76,72 +140,44 @@ impl Lane {
             addr: addr.to_string(),
             target,
             client_config,
-            tuning: config.quic.clone(),
-            connect_timeout: config.connect_timeout,
-            max_len: super::max_frame(config),
-            state: tokio::sync::Mutex::new(State::default()),
-            stats,
-        }
-    }
-
-    fn connect_error(&self, reason: impl ToString) -> TransportError {
-        TransportError::Connect {
-            addr: self.addr.clone(),
-            reason: reason.to_string(),
+            dialer: Dialer::new(addr, shared.connect_timeout, shared.stats.clone()),
+            shared,
         }
     }
 
     async fn connection(&self) -> Result<quinn::Connection, TransportError> {
-        let mut st = self.state.lock().await;
-        if let Some(c) = &st.conn {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
-        }
-        st.conn = None;
-        let config = self.client_config.clone().map_err(|e| self.connect_error(e))?;
-        let addr: SocketAddr = tokio::net::lookup_host(&self.addr)
+        let (config, addr, shared, target) = (
+            self.client_config.clone(),
+            self.addr.clone(),
+            self.shared.clone(),
+            self.target,
+        );
+        self.dialer
+            .get(
+                |c: &quinn::Connection| c.close_reason().is_none(),
+                move || async move {
+                    let config = config?;
+                    let addr: SocketAddr = tokio::net::lookup_host(&addr)
+                        .await
+                        .map_err(|e| format!("cannot resolve: {e}"))?
+                        .next()
+                        .ok_or("the name resolves to no address")?;
+                    let endpoint = shared.endpoint(addr)?;
+                    let name = tls::node_dns_name(target);
+                    let connecting = endpoint
+                        .connect_with(config, addr, &name)
+                        .map_err(|e| e.to_string())?;
+                    connecting.await.map_err(|e| error_chain(&e))
+                },
+            )
             .await
-            .map_err(|e| self.connect_error(format!("cannot resolve: {e}")))?
-            .next()
-            .ok_or_else(|| self.connect_error("the name resolves to no address"))?;
-        if st.endpoint.is_none() {
-            let local: SocketAddr = if addr.is_ipv4() {
-                ([0, 0, 0, 0], 0).into()
-            } else {
-                (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-            };
-            let socket = super::udp_socket(local, &self.tuning).map_err(|e| self.connect_error(e))?;
-            let runtime = quinn::default_runtime().ok_or_else(|| self.connect_error("no async runtime"))?;
-            let endpoint = quinn::Endpoint::new(quinn::EndpointConfig::default(), None, socket, runtime)
-                .map_err(|e| self.connect_error(e))?;
-            st.endpoint = Some(endpoint);
-        }
-        let Some(endpoint) = st.endpoint.as_ref() else {
-            return Err(self.connect_error("no endpoint"));
-        };
-        let name = tls::node_dns_name(self.target);
-        let connecting = endpoint
-            .connect_with(config, addr, &name)
-            .map_err(|e| self.connect_error(e))?;
-        let conn = tokio::time::timeout(self.connect_timeout, connecting)
-            .await
-            .map_err(|_| self.connect_error(format!("handshake timed out after {:?}", self.connect_timeout)))?
-            .map_err(|e| self.connect_error(error_chain(&e)))?;
-        self.stats.record_connect();
-        st.conn = Some(conn.clone());
-        Ok(conn)
     }
 
-    async fn open(
-        &self,
-        rpc: RPCTypes,
-        priority: i32,
-    ) -> Result<(quinn::SendStream, FrameReader), TransportError> {
+    async fn open(&self, rpc: RPCTypes, priority: i32) -> Result<(Outgoing, FrameReader), TransportError> {
         let conn = self.connection().await?;
         let (send, recv) = conn.open_bi().await.map_err(|e| broken(rpc, e))?;
         let _ = send.set_priority(priority);
-        Ok((send, FrameReader::new(recv, self.max_len)))
+        Ok((Outgoing::new(send), FrameReader::new(recv, self.shared.max_len)))
     }
 
     /// One request on a fresh stream, one reply.
@@ -150,167 +186,186 @@ impl Lane {
         rpc: RPCTypes,
         deadline: Duration,
         msg: Message<C>,
+        priority: i32,
     ) -> Result<Message<C>, TransportError> {
         let work = async {
-            let (mut send, mut reader) = self.open(rpc, 0).await?;
-            write_frame(&mut send, 0, &msg, self.max_len)
+            let (mut send, mut reader) = self.open(rpc, priority).await?;
+            send.write(0, &msg, self.shared.max_len)
                 .await
                 .map_err(|e| write_failed(rpc, e))?;
-            let _ = send.finish();
+            send.finish();
             reply(rpc, reader.next::<C>().await)
         };
         tokio::time::timeout(deadline, work)
             .await
             .map_err(|_| TransportError::Timeout { rpc, after: deadline })?
     }
+}
 
-    pub(crate) async fn vote<C: RaftWireConfig>(
+impl<C: RaftWireConfig> Link<C> for Lane {
+    fn vote(
         &self,
         req: VoteRequest<C>,
         pre_vote: bool,
         deadline: Duration,
-    ) -> Result<VoteResponse<C>, TransportError> {
-        let msg = if pre_vote {
-            Message::PreVote(req)
-        } else {
-            Message::Vote(req)
-        };
-        match self.call(RPCTypes::Vote, deadline, msg).await? {
-            Message::VoteReply(r) => Ok(r),
-            other => Err(unexpected(RPCTypes::Vote, &other)),
-        }
+    ) -> BoxFuture<'_, Result<VoteResponse<C>, TransportError>> {
+        Box::pin(async move {
+            let msg = if pre_vote {
+                Message::PreVote(req)
+            } else {
+                Message::Vote(req)
+            };
+            // Elections must not wait behind replication data either.
+            match self.call(RPCTypes::Vote, deadline, msg, HEARTBEAT_PRIORITY).await? {
+                Message::VoteReply(r) => Ok(r),
+                other => Err(unexpected(RPCTypes::Vote, &other)),
+            }
+        })
     }
 
-    pub(crate) async fn append<C: RaftWireConfig>(
+    fn append(
         &self,
         req: AppendEntriesRequest<C>,
         deadline: Duration,
-    ) -> Result<AppendEntriesResponse<C>, TransportError> {
-        match self
-            .call(RPCTypes::AppendEntries, deadline, Message::Append(req))
-            .await?
-        {
-            Message::AppendReply(r) => Ok(r),
-            other => Err(unexpected(RPCTypes::AppendEntries, &other)),
-        }
+    ) -> BoxFuture<'_, Result<AppendEntriesResponse<C>, TransportError>> {
+        Box::pin(async move {
+            match self
+                .call(RPCTypes::AppendEntries, deadline, Message::Append(req), 0)
+                .await?
+            {
+                Message::AppendReply(r) => Ok(r),
+                other => Err(unexpected(RPCTypes::AppendEntries, &other)),
+            }
+        })
     }
 
-    pub(crate) async fn transfer_leader<C: RaftWireConfig>(
+    fn transfer_leader(
         &self,
         req: TransferLeaderRequest<C>,
         deadline: Duration,
-    ) -> Result<TransferLeaderResponse<C>, TransportError> {
-        match self
-            .call(RPCTypes::TransferLeader, deadline, Message::TransferLeader(req))
-            .await?
-        {
-            Message::TransferLeaderReply(r) => Ok(r),
-            other => Err(unexpected(RPCTypes::TransferLeader, &other)),
-        }
+    ) -> BoxFuture<'_, Result<TransferLeaderResponse<C>, TransportError>> {
+        Box::pin(async move {
+            match self
+                .call(RPCTypes::TransferLeader, deadline, Message::TransferLeader(req), 0)
+                .await?
+            {
+                Message::TransferLeaderReply(r) => Ok(r),
+                other => Err(unexpected(RPCTypes::TransferLeader, &other)),
+            }
+        })
     }
 
-    /// Opens a stream for one replication session and pipelines `input` over it.
-    pub(crate) async fn stream_append<'s, C, S>(
+    fn stream_append<'s>(
         &'s self,
-        input: S,
-        config: &Config,
+        input: BoxStream<'static, AppendEntriesRequest<C>>,
+        config: &'s Config,
         deadline: Duration,
-        priority: i32,
-    ) -> Result<impl Stream<Item = Result<StreamAppendResult<C>, TransportError>> + Send + 's, TransportError>
-    where
-        C: RaftWireConfig,
-        S: Stream<Item = AppendEntriesRequest<C>> + Send + Unpin + 'static,
-    {
-        let rpc = RPCTypes::AppendEntries;
-        let (send, reader) = tokio::time::timeout(deadline, self.open(rpc, priority))
-            .await
-            .map_err(|_| TransportError::Timeout { rpc, after: deadline })??;
-        let replies = futures::stream::unfold(reader, move |mut reader| async move {
-            let item = match reader.next::<C>().await {
-                Ok(None) => return None,
-                next => reply(rpc, next).and_then(|m| match m {
-                    Message::StreamAppendReply(r) => Ok(r),
-                    other => Err(unexpected(rpc, &other)),
-                }),
+        purpose: Purpose,
+    ) -> BoxFuture<'s, Result<Replies<'s, C>, TransportError>> {
+        Box::pin(async move {
+            let rpc = RPCTypes::AppendEntries;
+            // Heartbeats go ahead of replication and snapshot data when both wait.
+            let priority = if purpose == Purpose::Heartbeat {
+                HEARTBEAT_PRIORITY
+            } else {
+                0
             };
-            Some((item, reader))
-        });
-        let window = pipeline::Window {
-            requests: config.max_in_flight_requests,
-            bytes: config.max_in_flight_bytes,
-        };
-        let sink = StreamSink {
-            send,
-            next_id: 0,
-            max_len: self.max_len,
-        };
-        Ok(pipeline::run(
-            input,
-            sink,
-            Box::pin(replies),
-            window,
-            deadline,
-            self.stats.clone(),
-        ))
+            let (send, reader) = tokio::time::timeout(deadline, self.open(rpc, priority))
+                .await
+                .map_err(|_| TransportError::Timeout { rpc, after: deadline })??;
+            let replies = futures::stream::unfold(reader, move |mut reader| async move {
+                let item = match reader.next::<C>().await {
+                    Ok(None) => return None,
+                    next => reply(rpc, next).and_then(|m| match m {
+                        Message::StreamAppendReply(r) => Ok(r),
+                        other => Err(unexpected(rpc, &other)),
+                    }),
+                };
+                Some((item, reader))
+            });
+            let window = pipeline::Window {
+                requests: config.max_in_flight_requests,
+                bytes: config.max_in_flight_bytes,
+            };
+            let sink = StreamSink {
+                send,
+                next_id: 0,
+                max_len: self.shared.max_len,
+            };
+            let replies: Replies<'s, C> = Box::pin(pipeline::run(
+                input,
+                sink,
+                Box::pin(replies),
+                window,
+                deadline,
+                self.shared.stats.clone(),
+            ));
+            Ok(replies)
+        })
     }
 
-    /// Streams a snapshot as a meta frame and chunk frames on its own stream; `idle` bounds
-    /// every step that must make progress.
-    pub(crate) async fn send_snapshot<C, SD>(
-        &self,
+    fn open_snapshot<'s>(
+        &'s self,
         vote: VoteOf<C>,
         meta: SnapshotMetaOf<C>,
-        mut data: SD,
-        chunk_size: usize,
-        idle: Duration,
-    ) -> Result<SnapshotResponse<C>, TransportError>
-    where
-        C: RaftWireConfig,
-        SD: SnapshotData,
-    {
-        let rpc = RPCTypes::InstallSnapshot;
-        let timeout = |_| TransportError::Timeout { rpc, after: idle };
-        let (mut send, mut reader) = tokio::time::timeout(idle, self.open(rpc, 0))
-            .await
-            .map_err(timeout)??;
-        let max = self.max_len;
-        write_frame(&mut send, 0, &Message::<C>::SnapshotMeta { vote, meta }, max)
-            .await
-            .map_err(|e| write_failed(rpc, e))?;
-        data.seek(std::io::SeekFrom::Start(0))
-            .await
-            .map_err(TransportError::SnapshotRead)?;
-        let mut id = 1;
-        loop {
-            let next = crate::snapshot::next_chunk(&mut data, chunk_size).await;
-            let Some(buf) = next.map_err(TransportError::SnapshotRead)? else {
-                break;
-            };
-            let n = buf.len();
-            let chunk = Message::<C>::SnapshotChunk(buf);
-            tokio::time::timeout(idle, write_frame(&mut send, id, &chunk, max))
+    ) -> BoxFuture<'s, Result<Box<dyn SnapshotUpload<C> + 's>, TransportError>> {
+        Box::pin(async move {
+            let rpc = RPCTypes::InstallSnapshot;
+            let (mut send, reader) = self.open(rpc, 0).await?;
+            let max_len = self.shared.max_len;
+            send.write(0, &Message::<C>::SnapshotMeta { vote, meta }, max_len)
                 .await
-                .map_err(timeout)?
                 .map_err(|e| write_failed(rpc, e))?;
-            self.stats.record_snapshot_bytes(n);
-            id += 1;
-        }
-        let _ = send.finish();
-        let resp = tokio::time::timeout(idle, reader.next::<C>())
-            .await
-            .map_err(timeout)?;
-        match reply(rpc, resp)? {
-            Message::SnapshotAck(r) => {
-                self.stats.record_snapshot_sent();
-                Ok(r)
+            let upload: Box<dyn SnapshotUpload<C> + 's> = Box::new(Upload {
+                send,
+                reader,
+                next_id: 1,
+                max_len,
+            });
+            Ok(upload)
+        })
+    }
+}
+
+/// A snapshot stream: chunk frames, then the trailer. Dropped unfinished, the stream is reset.
+struct Upload {
+    send: Outgoing,
+    reader: FrameReader,
+    next_id: u64,
+    max_len: usize,
+}
+
+impl<C: RaftWireConfig> SnapshotUpload<C> for Upload {
+    fn send(&mut self, data: Bytes) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async move {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.send
+                .write(id, &Message::<C>::SnapshotChunk(data), self.max_len)
+                .await
+                .map(|_| ())
+                .map_err(|e| write_failed(RPCTypes::InstallSnapshot, e))
+        })
+    }
+
+    fn finish(&mut self, trailer: Trailer) -> BoxFuture<'_, Result<SnapshotResponse<C>, TransportError>> {
+        Box::pin(async move {
+            let rpc = RPCTypes::InstallSnapshot;
+            self.send
+                .write(self.next_id, &Message::<C>::SnapshotEnd(trailer), self.max_len)
+                .await
+                .map_err(|e| write_failed(rpc, e))?;
+            self.send.finish();
+            match reply(rpc, self.reader.next::<C>().await)? {
+                Message::SnapshotAck(r) => Ok(r),
+                other => Err(unexpected(rpc, &other)),
             }
-            other => Err(unexpected(rpc, &other)),
-        }
+        })
     }
 }
 
 struct StreamSink {
-    send: quinn::SendStream,
+    send: Outgoing,
     next_id: u64,
     max_len: usize,
 }
@@ -319,13 +374,14 @@ impl<C: RaftWireConfig> RequestSink<C> for StreamSink {
     async fn send(&mut self, req: AppendEntriesRequest<C>) -> Result<usize, TransportError> {
         let id = self.next_id;
         self.next_id += 1;
-        write_frame(&mut self.send, id, &Message::StreamAppend(req), self.max_len)
+        self.send
+            .write(id, &Message::StreamAppend(req), self.max_len)
             .await
             .map_err(|e| write_failed(RPCTypes::AppendEntries, e))
     }
 
     fn finish(&mut self) {
-        let _ = self.send.finish();
+        self.send.finish();
     }
 }
 

@@ -17,8 +17,7 @@ use bytes::BytesMut;
 use quinn::VarInt;
 use tokio::io::AsyncReadExt;
 
-pub(crate) use client::HEARTBEAT_PRIORITY;
-pub(crate) use client::Lane;
+pub(crate) use client::Connector;
 pub(crate) use server::serve;
 
 use crate::codec;
@@ -149,18 +148,62 @@ impl FrameReader {
     }
 }
 
-/// Encodes `msg` and writes it as one vectored write of its chunks (entry payloads and
-/// snapshot data go out as the `Bytes` they are, uncopied).
-pub(crate) async fn write_frame<C: RaftWireConfig>(
-    send: &mut quinn::SendStream,
-    request_id: u64,
-    msg: &Message<C>,
-    max_len: usize,
-) -> Result<usize, WriteError> {
-    let mut chunks: Vec<Bytes> = Vec::with_capacity(4);
-    let size = codec::encode(request_id, msg, max_len, &mut chunks)?;
-    send.write_all_chunks(&mut chunks).await?;
-    Ok(size)
+/// The sending half of a stream, reset (never finished) when dropped unfinished.
+///
+/// quinn finishes a dropped `SendStream`, so the peer would see a clean end after whatever
+/// frames made it: a cancelled or failed sender must not look like a complete one.
+pub(crate) struct Outgoing {
+    send: quinn::SendStream,
+    finished: bool,
+}
+
+impl Outgoing {
+    pub(crate) fn new(send: quinn::SendStream) -> Self {
+        Outgoing { send, finished: false }
+    }
+
+    /// Encodes `msg` and writes it as one vectored write of its chunks (entry payloads and
+    /// snapshot data go out as the `Bytes` they are, uncopied). Not cancel-safe: a write
+    /// dropped halfway leaves a partial frame, so the stream must then be abandoned.
+    pub(crate) async fn write<C: RaftWireConfig>(
+        &mut self,
+        request_id: u64,
+        msg: &Message<C>,
+        max_len: usize,
+    ) -> Result<usize, WriteError> {
+        let mut chunks: Vec<Bytes> = Vec::with_capacity(4);
+        let size = codec::encode(request_id, msg, max_len, &mut chunks)?;
+        self.send.write_all_chunks(&mut chunks).await?;
+        Ok(size)
+    }
+
+    /// Ends the stream cleanly: everything written is complete.
+    pub(crate) fn finish(&mut self) {
+        self.finished = true;
+        let _ = self.send.finish();
+    }
+}
+
+impl Drop for Outgoing {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = self.send.reset(code(ErrorCode::Aborted));
+        }
+    }
+}
+
+/// The endpoint settings both sides use. The stateless-reset key is derived from this node's
+/// private key, so it survives a restart: a peer that crashed and came back on the same
+/// address answers packets of the old connection with a reset the other side recognizes, and
+/// the dead connection is dropped at once instead of after the idle timeout.
+pub(crate) fn endpoint_config(tls: Option<&crate::tls::TlsConfig>) -> quinn::EndpointConfig {
+    match tls {
+        Some(tls) => {
+            let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &tls.derive_secret(b"raftwire quic stateless reset v1"));
+            quinn::EndpointConfig::new(Arc::new(key))
+        }
+        None => quinn::EndpointConfig::default(),
+    }
 }
 
 /// Why writing a frame failed.

@@ -1,4 +1,5 @@
-//! The QUIC server side: accepts connections, then serves every stream on its own task.
+//! The QUIC server side: accepts connections, reads each stream's frames and hands them to
+//! the shared server core; nothing here decides what a request may do.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -6,23 +7,24 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::StreamExt;
-use openraft::Raft;
-use openraft::Snapshot;
 use openraft::storage::RaftStateMachine;
-use tokio::io::AsyncSeekExt;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::oneshot;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::FrameReader;
+use super::Outgoing;
 use super::ReadError;
-use super::write_frame;
 use crate::codec::ErrorCode;
 use crate::codec::Message;
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::service::Caller;
+use crate::service::Refusal;
+use crate::service::RefusalKind;
+use crate::service::Service;
+use crate::service::refuse;
+use crate::snapshot::Part;
 use crate::snapshot::SnapshotData;
-use crate::snapshot::SnapshotSink;
 use crate::tls;
 use crate::types::RaftWireConfig;
 
@@ -30,55 +32,37 @@ use crate::types::RaftWireConfig;
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Ctx<C: RaftWireConfig, SM: RaftStateMachine<C>> {
-    raft: Raft<C, SM>,
-    sink: Arc<dyn SnapshotSink<SM::SnapshotData>>,
+    service: Arc<Service<C, SM>>,
     max_len: usize,
 }
 
-/// Why a stream was refused: sent to the peer as an error frame, and logged.
-struct Refusal {
-    code: ErrorCode,
-    message: String,
-}
-
-impl Refusal {
-    fn new(code: ErrorCode, message: impl ToString) -> Self {
-        Refusal {
-            code,
-            message: message.to_string(),
-        }
+/// The wire code of a refusal.
+fn error_code(kind: RefusalKind) -> ErrorCode {
+    match kind {
+        RefusalKind::BadRequest => ErrorCode::BadRequest,
+        RefusalKind::TooLarge => ErrorCode::TooLarge,
+        RefusalKind::Forbidden => ErrorCode::Forbidden,
+        RefusalKind::UnexpectedKind => ErrorCode::UnexpectedKind,
+        RefusalKind::Unavailable => ErrorCode::Refused,
+        RefusalKind::Timeout => ErrorCode::Timeout,
+        RefusalKind::Internal => ErrorCode::Internal,
     }
 }
 
-impl From<ReadError> for Refusal {
-    fn from(e: ReadError) -> Self {
-        match &e {
-            ReadError::Frame(f) => Refusal::new(f.error_code(), f),
-            _ => Refusal::new(ErrorCode::BadRequest, e),
-        }
+fn read_refusal(e: ReadError) -> Refusal {
+    match &e {
+        ReadError::Frame(f) if f.error_code() == ErrorCode::TooLarge => Refusal::new(RefusalKind::TooLarge, e),
+        _ => Refusal::new(RefusalKind::BadRequest, e),
     }
 }
 
-/// The calling node, known from its certificate.
-#[derive(Debug, Clone, Copy)]
-struct Caller {
-    node_id: u64,
-    addr: std::net::SocketAddr,
-}
-
-impl Caller {
-    fn check(&self, claimed: u64) -> Result<(), Refusal> {
-        tls::speaks_for(Some(self.node_id), claimed).map_err(|e| Refusal::new(ErrorCode::Refused, e))
-    }
-}
-
-/// Serves `raft` over QUIC on `socket` until `shutdown` fires.
+/// Serves `service` over QUIC on `socket` until `shutdown` fires; then stops accepting, gives
+/// open streams `grace` to finish and closes every connection.
 pub(crate) async fn serve<C, SM>(
-    raft: Raft<C, SM>,
-    sink: Arc<dyn SnapshotSink<SM::SnapshotData>>,
+    service: Arc<Service<C, SM>>,
     config: Config,
     socket: std::net::UdpSocket,
-    mut shutdown: oneshot::Receiver<()>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServerError>
 where
     C: RaftWireConfig,
@@ -96,39 +80,56 @@ where
     server_config.transport_config(Arc::new(super::transport_config(&config.quic)));
     let runtime = quinn::default_runtime().ok_or_else(|| serve_err(&"no async runtime"))?;
     let endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        super::endpoint_config(Some(tls)),
         Some(server_config),
         socket,
         runtime,
     )
     .map_err(|e| serve_err(&e))?;
     let ctx = Arc::new(Ctx {
-        raft,
-        sink,
+        service,
         max_len: super::max_frame(&config),
     });
-    // Dropping the set (on shutdown, or when this task is aborted) aborts every connection.
     let mut connections = JoinSet::new();
+    let mut stopping = shutdown.clone();
     loop {
         tokio::select! {
-            _ = &mut shutdown => break,
+            _ = stopping.wait_for(|stop| *stop) => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                connections.spawn(connection(incoming, ctx.clone(), config.connect_timeout));
+                let stop = shutdown.clone();
+                connections.spawn(connection(incoming, ctx.clone(), config.connect_timeout, stop));
             }
         }
         while connections.try_join_next().is_some() {}
     }
+    // Stop accepting: new connection attempts are refused from here on.
+    endpoint.set_server_config(None);
+    // Connections stop taking new streams; open ones get the grace period.
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!(
+            open = connections.len(),
+            "QUIC connections still busy after the shutdown grace period; closing them"
+        );
+    }
     endpoint.close(quinn::VarInt::from_u32(0), b"server shutting down");
-    drop(connections);
+    connections.shutdown().await;
     // The socket is released once the endpoint has told its peers (bounded: peers that do
     // not answer are given up on).
-    let _ = tokio::time::timeout(Duration::from_millis(900), endpoint.wait_idle()).await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), endpoint.wait_idle()).await;
     Ok(())
 }
 
-async fn connection<C, SM>(incoming: quinn::Incoming, ctx: Arc<Ctx<C, SM>>, handshake_timeout: Duration)
-where
+async fn connection<C, SM>(
+    incoming: quinn::Incoming,
+    ctx: Arc<Ctx<C, SM>>,
+    handshake_timeout: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) where
     C: RaftWireConfig,
     SM: RaftStateMachine<C>,
     SM::SnapshotData: SnapshotData,
@@ -150,70 +151,77 @@ where
     let Some(node_id) = tls::peer_node_id(certs.as_deref().map(|c| c.as_slice())) else {
         // The verifier already refuses certificates without a node id.
         conn.close(
-            quinn::VarInt::from_u32(ErrorCode::Refused as u32),
+            quinn::VarInt::from_u32(ErrorCode::Forbidden as u32),
             b"no node identity",
         );
         return tracing::warn!(%addr, "QUIC peer has no node identity; closed");
     };
-    let caller = Caller { node_id, addr };
+    let caller = Caller {
+        node_id: Some(node_id),
+        addr,
+    };
     tracing::debug!(%addr, node_id, "QUIC connection accepted");
+    // Dropping the set (when this task is aborted at the end of a shutdown) aborts every
+    // stream.
     let mut streams = JoinSet::new();
     loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                streams.spawn(stream(
-                    send,
-                    FrameReader::new(recv, ctx.max_len),
-                    ctx.clone(),
-                    caller,
-                ));
-            }
-            Err(e) => {
-                tracing::debug!(%addr, node_id, "QUIC connection ended: {e}");
-                break;
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    streams.spawn(stream(
+                        Outgoing::new(send),
+                        FrameReader::new(recv, ctx.max_len),
+                        ctx.clone(),
+                        caller,
+                    ));
+                }
+                Err(e) => {
+                    tracing::debug!(%addr, node_id, "QUIC connection ended: {e}");
+                    return;
+                }
             }
         }
         while streams.try_join_next().is_some() {}
     }
+    // Shutting down: open streams may finish within the server's grace period.
+    while streams.join_next().await.is_some() {}
 }
 
 /// Serves one stream: its first frame says what it is for.
-async fn stream<C, SM>(
-    mut send: quinn::SendStream,
-    mut reader: FrameReader,
-    ctx: Arc<Ctx<C, SM>>,
-    caller: Caller,
-) where
+async fn stream<C, SM>(mut send: Outgoing, mut reader: FrameReader, ctx: Arc<Ctx<C, SM>>, caller: Caller)
+where
     C: RaftWireConfig,
     SM: RaftStateMachine<C>,
     SM::SnapshotData: SnapshotData,
 {
     let outcome = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.next::<C>()).await {
-        Err(_) => Err(Refusal::new(ErrorCode::BadRequest, "no frame within 10 s")),
-        Ok(Ok(None)) => return,
-        Ok(Err(e)) => Err(Refusal::from(e)),
+        Err(_) => Err(refuse(&caller, "QUIC", RefusalKind::BadRequest, "no frame within 10 s")),
+        Ok(Ok(None)) => {
+            send.finish();
+            return;
+        }
+        Ok(Err(e)) => {
+            let r = read_refusal(e);
+            Err(refuse(&caller, "QUIC", r.kind, r.message))
+        }
         Ok(Ok(Some((id, msg)))) => dispatch(id, msg, &mut send, reader, &ctx, caller).await,
     };
-    match outcome {
-        Ok(()) => {
-            let _ = send.finish();
-        }
-        Err(refusal) => {
-            tracing::warn!(node = caller.node_id, addr = %caller.addr, code = ?refusal.code, "refusing a QUIC stream: {}", refusal.message);
-            let frame = Message::<C>::Error {
-                code: refusal.code,
-                message: refusal.message,
-            };
-            let _ = write_frame(&mut send, 0, &frame, ctx.max_len).await;
-            let _ = send.finish();
-        }
+    if let Err(refusal) = outcome {
+        // Logged where it was made (the core, or `refuse` above).
+        let frame = Message::<C>::Error {
+            code: error_code(refusal.kind),
+            message: refusal.message,
+        };
+        let _ = send.write(0, &frame, ctx.max_len).await;
     }
+    send.finish();
 }
 
 async fn dispatch<C, SM>(
     id: u64,
     msg: Message<C>,
-    send: &mut quinn::SendStream,
+    send: &mut Outgoing,
     mut reader: FrameReader,
     ctx: &Ctx<C, SM>,
     caller: Caller,
@@ -223,91 +231,58 @@ where
     SM: RaftStateMachine<C>,
     SM::SnapshotData: SnapshotData,
 {
-    let refused = |e: &dyn std::fmt::Display| Refusal::new(ErrorCode::Refused, format!("raft: {e}"));
+    let svc = &ctx.service;
     let reply = match msg {
-        Message::Vote(req) => {
-            caller.check(req.vote.leader_id.node_id)?;
-            Message::VoteReply(ctx.raft.vote(req).await.map_err(|e| refused(&e))?)
-        }
-        Message::PreVote(req) => {
-            caller.check(req.vote.leader_id.node_id)?;
-            Message::VoteReply(ctx.raft.pre_vote(req).await.map_err(|e| refused(&e))?)
-        }
-        Message::Append(req) => {
-            caller.check(req.vote.leader_id.node_id)?;
-            Message::AppendReply(ctx.raft.append_entries(req).await.map_err(|e| refused(&e))?)
-        }
-        Message::TransferLeader(req) => {
-            caller.check(req.from_leader().leader_id.node_id)?;
-            Message::TransferLeaderReply(
-                ctx.raft
-                    .handle_transfer_leader(req)
-                    .await
-                    .map_err(|e| refused(&e))?,
-            )
-        }
+        Message::Vote(req) => Message::VoteReply(svc.vote(caller, req, false).await?),
+        Message::PreVote(req) => Message::VoteReply(svc.vote(caller, req, true).await?),
+        Message::Append(req) => Message::AppendReply(svc.append(caller, req).await?),
+        Message::TransferLeader(req) => Message::TransferLeaderReply(svc.transfer_leader(caller, req).await?),
         Message::StreamAppend(req) => return stream_append(id, req, send, reader, ctx, caller).await,
         Message::SnapshotMeta { vote, meta } => {
-            caller.check(vote.leader_id.node_id)?;
-            let mut data = ctx
-                .sink
-                .create()
-                .await
-                .map_err(|e| refused(&format!("cannot create snapshot data: {e}")))?;
-            let mut received = 0u64;
-            while let Some((_, msg)) = reader.next::<C>().await? {
-                let Message::SnapshotChunk(bytes) = msg else {
-                    reader.stop(ErrorCode::UnexpectedKind);
-                    return Err(Refusal::new(
-                        ErrorCode::UnexpectedKind,
-                        format!("{:?} inside a snapshot", msg.kind()),
-                    ));
+            let parts = futures::stream::unfold(Some(reader), |reader| async move {
+                let mut reader = reader?;
+                let part = match reader.next::<C>().await {
+                    Ok(None) => return None,
+                    Ok(Some((_, Message::SnapshotChunk(bytes)))) => Ok(Part::Data(bytes)),
+                    Ok(Some((_, Message::SnapshotEnd(trailer)))) => Ok(Part::End(trailer)),
+                    Ok(Some((_, other))) => {
+                        reader.stop(ErrorCode::UnexpectedKind);
+                        Err(Refusal::new(
+                            RefusalKind::UnexpectedKind,
+                            format!("{:?} inside a snapshot", other.kind()),
+                        ))
+                    }
+                    Err(e) => Err(read_refusal(e)),
                 };
-                data.write_all(&bytes)
-                    .await
-                    .map_err(|e| refused(&format!("writing snapshot data: {e}")))?;
-                received += bytes.len() as u64;
-            }
-            data.flush()
-                .await
-                .map_err(|e| refused(&format!("flushing snapshot data: {e}")))?;
-            data.seek(std::io::SeekFrom::Start(0))
-                .await
-                .map_err(|e| refused(&format!("rewinding snapshot data: {e}")))?;
-            tracing::info!(
-                bytes = received,
-                from = caller.node_id,
-                "snapshot received over QUIC, installing"
-            );
-            let snapshot = Snapshot { meta, snapshot: data };
-            Message::SnapshotAck(
-                ctx.raft
-                    .install_full_snapshot(vote, snapshot)
-                    .await
-                    .map_err(|e| refused(&e))?,
-            )
+                // After an error nothing more is read from the stream.
+                let go_on = part.is_ok();
+                Some((part, go_on.then_some(reader)))
+            });
+            Message::SnapshotAck(svc.install_snapshot(caller, vote, meta, parts).await?)
         }
         other => {
             reader.stop(ErrorCode::UnexpectedKind);
-            return Err(Refusal::new(
-                ErrorCode::UnexpectedKind,
+            return Err(refuse(
+                &caller,
+                "QUIC",
+                RefusalKind::UnexpectedKind,
                 format!("a stream cannot start with {:?}", other.kind()),
             ));
         }
     };
-    write_frame(send, id, &reply, ctx.max_len)
+    send.write(id, &reply, ctx.max_len)
         .await
         .map(|_| ())
-        .map_err(|e| Refusal::new(ErrorCode::Internal, e))
+        .map_err(|e| Refusal::new(RefusalKind::Internal, e))
 }
 
-/// Feeds the stream's requests to `Raft::stream_append` as they arrive and writes each result
-/// back under its request's id, in order. A bad frame ends the input; it is answered with an
-/// error frame after the replies to every request before it.
+/// Reads the stream's requests into the core's `stream_append` and writes each result back
+/// under its request's id, in order. A bad frame ends the input; it is answered with an error
+/// frame after the replies to every request before it.
 async fn stream_append<C, SM>(
     first_id: u64,
     first: openraft::raft::AppendEntriesRequest<C>,
-    send: &mut quinn::SendStream,
+    send: &mut Outgoing,
     reader: FrameReader,
     ctx: &Ctx<C, SM>,
     caller: Caller,
@@ -317,33 +292,22 @@ where
     SM: RaftStateMachine<C>,
     SM::SnapshotData: SnapshotData,
 {
-    caller.check(first.vote.leader_id.node_id)?;
     let ids: Arc<Mutex<VecDeque<u64>>> = Arc::new(Mutex::new(VecDeque::from([first_id])));
-    let failure: Arc<Mutex<Option<Refusal>>> = Arc::default();
-    let (input_ids, input_failure) = (ids.clone(), failure.clone());
+    let input_ids = ids.clone();
     let rest = futures::stream::unfold(Some(reader), move |reader| {
-        let (ids, failure) = (input_ids.clone(), input_failure.clone());
+        let ids = input_ids.clone();
         async move {
             let mut reader = reader?;
-            let fail = |r: Refusal| {
-                *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
-                None
-            };
-            match reader.next::<C>().await {
-                Ok(None) => None,
+            let item = match reader.next::<C>().await {
+                Ok(None) => return None,
                 Ok(Some((id, Message::StreamAppend(req)))) => {
-                    match caller.check(req.vote.leader_id.node_id) {
-                        Ok(()) => {
-                            ids.lock().unwrap_or_else(|p| p.into_inner()).push_back(id);
-                            Some((req, Some(reader)))
-                        }
-                        Err(r) => fail(r),
-                    }
+                    ids.lock().unwrap_or_else(|p| p.into_inner()).push_back(id);
+                    Ok(req)
                 }
                 Ok(Some((_, other))) => {
                     reader.stop(ErrorCode::UnexpectedKind);
-                    fail(Refusal::new(
-                        ErrorCode::UnexpectedKind,
+                    Err(Refusal::new(
+                        RefusalKind::UnexpectedKind,
                         format!("{:?} on a replication stream", other.kind()),
                     ))
                 }
@@ -351,23 +315,22 @@ where
                     if let ReadError::Frame(_) = e {
                         reader.stop(ErrorCode::BadRequest);
                     }
-                    fail(Refusal::from(e))
+                    Err(read_refusal(e))
                 }
-            }
+            };
+            let go_on = item.is_ok();
+            Some((item, go_on.then_some(reader)))
         }
     });
-    let input = futures::stream::once(futures::future::ready(first)).chain(rest);
-    let mut results = std::pin::pin!(ctx.raft.stream_append(input));
+    let input = futures::stream::once(futures::future::ready(Ok(first))).chain(rest);
+    let mut results = std::pin::pin!(ctx.service.stream_append(caller, input));
     while let Some(result) = results.next().await {
-        let result = result.map_err(|e| Refusal::new(ErrorCode::Refused, format!("raft: {e}")))?;
+        let result = result?;
         let id = ids.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-        let id = id.ok_or_else(|| Refusal::new(ErrorCode::Internal, "more results than requests"))?;
-        write_frame(send, id, &Message::StreamAppendReply(result), ctx.max_len)
+        let id = id.ok_or_else(|| Refusal::new(RefusalKind::Internal, "more results than requests"))?;
+        send.write(id, &Message::StreamAppendReply(result), ctx.max_len)
             .await
-            .map_err(|e| Refusal::new(ErrorCode::Internal, e))?;
+            .map_err(|e| Refusal::new(RefusalKind::Internal, e))?;
     }
-    match failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        Some(refusal) => Err(refusal),
-        None => Ok(()),
-    }
+    Ok(())
 }

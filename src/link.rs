@@ -1,0 +1,157 @@
+//! The one client interface every transport implements, and the transport-independent parts
+//! of calls made through it (snapshot chunking and checksums).
+//!
+//! A transport supplies a [`Connector`] (one per factory: shared client state such as a QUIC
+//! endpoint) that hands out a [`Link`] per peer and purpose. [`Network`](crate::Network)
+//! dispatches every openraft call through `Link` and never looks at which transport is behind
+//! it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use openraft::alias::SnapshotMetaOf;
+use openraft::alias::VoteOf;
+use openraft::network::RPCTypes;
+use openraft::raft::AppendEntriesRequest;
+use openraft::raft::AppendEntriesResponse;
+use openraft::raft::SnapshotResponse;
+use openraft::raft::StreamAppendResult;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
+use tokio::io::AsyncSeekExt;
+
+use crate::config::Config;
+use crate::error::TransportError;
+use crate::snapshot::Digest;
+use crate::snapshot::SnapshotData;
+use crate::snapshot::Trailer;
+use crate::stats::Stats;
+use crate::types::RaftWireConfig;
+
+/// Which connection of a peer a client uses. Heartbeats and snapshots get their own so that
+/// neither waits behind bulk replication (on transports whose connections would otherwise
+/// share head-of-line blocking).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Purpose {
+    Replication,
+    Heartbeat,
+    Snapshot,
+}
+
+/// The replies of one pipelined replication session.
+pub(crate) type Replies<'s, C> = BoxStream<'s, Result<StreamAppendResult<C>, TransportError>>;
+
+/// A transport's client side, made once per factory.
+pub(crate) trait Connector<C: RaftWireConfig>: Send + Sync + 'static {
+    /// A link to `target` at `addr` for `purpose`. Must not connect: connections are made on
+    /// first use.
+    fn link(&self, addr: &str, target: u64, purpose: Purpose) -> Arc<dyn Link<C>>;
+
+    /// Whether one link carries every purpose (so the factory shares it across purposes).
+    fn shares_purposes(&self) -> bool;
+}
+
+/// A connection (made lazily, remade after failures) to one peer, through which every call
+/// goes. Every method enforces its own deadline.
+pub(crate) trait Link<C: RaftWireConfig>: Send + Sync + 'static {
+    /// A vote or pre-vote round trip.
+    fn vote(
+        &self,
+        req: VoteRequest<C>,
+        pre_vote: bool,
+        deadline: Duration,
+    ) -> BoxFuture<'_, Result<VoteResponse<C>, TransportError>>;
+
+    /// One AppendEntries round trip outside a replication stream.
+    fn append(
+        &self,
+        req: AppendEntriesRequest<C>,
+        deadline: Duration,
+    ) -> BoxFuture<'_, Result<AppendEntriesResponse<C>, TransportError>>;
+
+    /// A transfer-leader round trip.
+    fn transfer_leader(
+        &self,
+        req: TransferLeaderRequest<C>,
+        deadline: Duration,
+    ) -> BoxFuture<'_, Result<TransferLeaderResponse<C>, TransportError>>;
+
+    /// Opens a replication stream and pipelines `input` over it (see `pipeline::run`).
+    /// `deadline` bounds the opening and every wait for a reply; `purpose` tells heartbeats
+    /// (which may be prioritized) from replication.
+    fn stream_append<'s>(
+        &'s self,
+        input: BoxStream<'static, AppendEntriesRequest<C>>,
+        config: &'s Config,
+        deadline: Duration,
+        purpose: Purpose,
+    ) -> BoxFuture<'s, Result<Replies<'s, C>, TransportError>>;
+
+    /// Opens a snapshot transfer: the header is sent, data follows through the upload.
+    fn open_snapshot<'s>(
+        &'s self,
+        vote: VoteOf<C>,
+        meta: SnapshotMetaOf<C>,
+    ) -> BoxFuture<'s, Result<Box<dyn SnapshotUpload<C> + 's>, TransportError>>;
+}
+
+/// The sending half of one snapshot transfer.
+///
+/// Dropping it before [`SnapshotUpload::finish`] returns must abort the transfer so the
+/// receiver can tell it from a complete one (QUIC: reset the stream; gRPC: reset the call),
+/// never end it cleanly.
+pub(crate) trait SnapshotUpload<C: RaftWireConfig>: Send {
+    /// Sends one chunk of data; resolves once the transport has taken it.
+    fn send(&mut self, data: Bytes) -> BoxFuture<'_, Result<(), TransportError>>;
+
+    /// Sends the trailer, ends the stream and waits for the receiver's answer.
+    fn finish(&mut self, trailer: Trailer) -> BoxFuture<'_, Result<SnapshotResponse<C>, TransportError>>;
+}
+
+/// Streams `data` through `link` in chunks of `chunk_size`, then the trailer with its length
+/// and CRC32C. `idle` bounds every step that must make progress (opening, each chunk, the
+/// answer after the last); a read error or a missed deadline drops the upload, which aborts
+/// the transfer at the receiver.
+pub(crate) async fn send_snapshot<C, SD>(
+    link: &dyn Link<C>,
+    vote: VoteOf<C>,
+    meta: SnapshotMetaOf<C>,
+    mut data: SD,
+    chunk_size: usize,
+    idle: Duration,
+    stats: &Stats,
+) -> Result<SnapshotResponse<C>, TransportError>
+where
+    C: RaftWireConfig,
+    SD: SnapshotData,
+{
+    let rpc = RPCTypes::InstallSnapshot;
+    let timeout = |_| TransportError::Timeout { rpc, after: idle };
+    let mut upload = tokio::time::timeout(idle, link.open_snapshot(vote, meta))
+        .await
+        .map_err(timeout)??;
+    data.seek(std::io::SeekFrom::Start(0))
+        .await
+        .map_err(TransportError::SnapshotRead)?;
+    let mut digest = Digest::default();
+    loop {
+        let next = crate::snapshot::next_chunk(&mut data, chunk_size).await;
+        let Some(chunk) = next.map_err(TransportError::SnapshotRead)? else {
+            break;
+        };
+        digest.update(&chunk);
+        let n = chunk.len();
+        tokio::time::timeout(idle, upload.send(chunk)).await.map_err(timeout)??;
+        stats.record_snapshot_bytes(n);
+    }
+    let resp = tokio::time::timeout(idle, upload.finish(digest.trailer()))
+        .await
+        .map_err(timeout)??;
+    stats.record_snapshot_sent();
+    Ok(resp)
+}
