@@ -129,9 +129,7 @@ impl<T: Clone + Send + Sync + 'static> Dialer<T> {
                     State::Ready(conn.clone())
                 }
                 Err(e) => {
-                    let backoff = MIN_BACKOFF
-                        .saturating_mul(1 << failures.min(10))
-                        .min(MAX_BACKOFF);
+                    let backoff = MIN_BACKOFF.saturating_mul(1 << failures.min(10)).min(MAX_BACKOFF);
                     State::Idle {
                         failures: failures.saturating_add(1),
                         retry_at: Some(Instant::now() + backoff),
@@ -199,7 +197,8 @@ mod tests {
             }
         };
         // The call's own deadline is shorter than the dial.
-        let first = tokio::time::timeout(Duration::from_millis(100), d.get(|_| true, slow(dials.clone()))).await;
+        let first =
+            tokio::time::timeout(Duration::from_millis(100), d.get(|_| true, slow(dials.clone()))).await;
         assert!(first.is_err(), "the call timed out");
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert_eq!(d.get(|_| true, slow(dials.clone())).await.unwrap(), 7);
@@ -270,7 +269,7 @@ mod tests {
     async fn a_dial_that_hangs_times_out() {
         let d = dialer();
         let err = d
-            .get(|_| true, || std::future::pending::<Result<u32, String>>())
+            .get(|_| true, std::future::pending::<Result<u32, String>>)
             .await
             .unwrap_err();
         assert!(err.to_string().contains("timed out"), "{err}");

@@ -565,7 +565,7 @@ impl KvNode {
         let server = loop {
             let mut builder = Server::builder(raft.clone(), net_config.clone());
             if let Some(sink) = sink.clone() {
-                builder = builder.snapshot_sink(move || sink.create());
+                builder = builder.shared_snapshot_sink(sink);
             }
             match builder.bind(addr).await {
                 Ok(server) => break server,

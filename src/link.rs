@@ -114,8 +114,8 @@ pub(crate) trait SnapshotUpload<C: RaftWireConfig>: Send {
 }
 
 /// Streams `data` through `link` in chunks of `chunk_size`, then the trailer with its length
-/// and CRC32C. `idle` bounds every step that must make progress (opening, each chunk, the
-/// answer after the last); a read error or a missed deadline drops the upload, which aborts
+/// and CRC32C. `idle` bounds every step that must make progress (opening, reading and sending
+/// each chunk, the answer after the last); a read error or a missed deadline drops the upload, which aborts
 /// the transfer at the receiver.
 pub(crate) async fn send_snapshot<C, SD>(
     link: &dyn Link<C>,
@@ -140,13 +140,18 @@ where
         .map_err(TransportError::SnapshotRead)?;
     let mut digest = Digest::default();
     loop {
-        let next = crate::snapshot::next_chunk(&mut data, chunk_size).await;
+        // A data source that hangs is no progress either.
+        let next = tokio::time::timeout(idle, crate::snapshot::next_chunk(&mut data, chunk_size))
+            .await
+            .map_err(timeout)?;
         let Some(chunk) = next.map_err(TransportError::SnapshotRead)? else {
             break;
         };
         digest.update(&chunk);
         let n = chunk.len();
-        tokio::time::timeout(idle, upload.send(chunk)).await.map_err(timeout)??;
+        tokio::time::timeout(idle, upload.send(chunk))
+            .await
+            .map_err(timeout)??;
         stats.record_snapshot_bytes(n);
     }
     let resp = tokio::time::timeout(idle, upload.finish(digest.trailer()))

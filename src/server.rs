@@ -144,6 +144,13 @@ where
         self
     }
 
+    /// Like [`ServerBuilder::snapshot_sink`], with a sink shared with other servers (a node
+    /// restarted on the same storage keeps its sink).
+    pub fn shared_snapshot_sink(mut self, sink: Arc<dyn SnapshotSink<SM::SnapshotData>>) -> Self {
+        self.sink = sink;
+        self
+    }
+
     /// Binds `addr` (port 0 picks a free port: TCP for gRPC, UDP for QUIC) and starts serving
     /// in a background task.
     pub async fn bind(self, addr: SocketAddr) -> Result<Server, ServerError> {

@@ -83,20 +83,33 @@ pub(crate) struct Caller {
 }
 
 impl Caller {
-    /// Refuses a request made on behalf of a node other than the caller.
-    fn check(&self, rpc: &str, claimed: u64) -> Result<(), Refusal> {
-        tls::speaks_for(self.node_id, claimed).map_err(|e| Refusal::new(RefusalKind::Forbidden, e))
+    /// Refuses a request made on behalf of a node other than the caller, or on behalf of the
+    /// receiving node itself (`local`): no peer ever speaks for us, and openraft's engine
+    /// panics on some requests carrying its own committed vote (a snapshot install makes it
+    /// "follow" itself while it leads).
+    fn check(&self, rpc: &str, local: u64, claimed: u64) -> Result<(), Refusal> {
+        let refused = if claimed == local {
+            Err(format!("the request speaks for node {claimed}, this node itself"))
+        } else {
+            tls::speaks_for(self.node_id, claimed)
+        };
+        refused
+            .map_err(|e| Refusal::new(RefusalKind::Forbidden, e))
             .inspect_err(|r| self.log(rpc, r))
     }
 
     fn log(&self, rpc: &str, r: &Refusal) {
-        let node = self.node_id.map_or_else(|| "unauthenticated".to_string(), |n| n.to_string());
+        let node = self
+            .node_id
+            .map_or_else(|| "unauthenticated".to_string(), |n| n.to_string());
         match r.kind {
             // The local Raft said no (it is stopping, say): the caller did nothing wrong.
             RefusalKind::Unavailable => {
                 tracing::info!(rpc, node = %node, addr = %self.addr, "not served: {}", r.message)
             }
-            _ => tracing::warn!(rpc, node = %node, addr = %self.addr, kind = ?r.kind, "refusing a request: {}", r.message),
+            _ => {
+                tracing::warn!(rpc, node = %node, addr = %self.addr, kind = ?r.kind, "refusing a request: {}", r.message)
+            }
         }
     }
 }
@@ -112,6 +125,8 @@ pub(crate) fn refuse(caller: &Caller, rpc: &str, kind: RefusalKind, message: imp
 /// Serves one `Raft` to every transport.
 pub(crate) struct Service<C: RaftWireConfig, SM: RaftStateMachine<C>> {
     raft: Raft<C, SM>,
+    /// This node's id: no request may speak for it.
+    local_id: u64,
     sink: Arc<dyn SnapshotSink<SM::SnapshotData>>,
     /// How long an incoming snapshot may make no progress.
     snapshot_idle: Duration,
@@ -123,9 +138,18 @@ where
     SM: RaftStateMachine<C>,
     SM::SnapshotData: SnapshotData,
 {
-    pub(crate) fn new(raft: Raft<C, SM>, sink: Arc<dyn SnapshotSink<SM::SnapshotData>>, config: &Config) -> Self {
+    pub(crate) fn new(
+        raft: Raft<C, SM>,
+        sink: Arc<dyn SnapshotSink<SM::SnapshotData>>,
+        config: &Config,
+    ) -> Self {
+        let local_id = {
+            use openraft::async_runtime::watch::WatchReceiver;
+            raft.metrics().borrow_watched().id
+        };
         Service {
             raft,
+            local_id,
             sink,
             snapshot_idle: config.snapshot_idle_timeout,
         }
@@ -144,7 +168,7 @@ where
         pre_vote: bool,
     ) -> Result<VoteResponse<C>, Refusal> {
         let rpc = if pre_vote { "PreVote" } else { "Vote" };
-        caller.check(rpc, req.vote.leader_id.node_id)?;
+        caller.check(rpc, self.local_id, req.vote.leader_id.node_id)?;
         let resp = if pre_vote {
             self.raft.pre_vote(req).await
         } else {
@@ -158,7 +182,7 @@ where
         caller: Caller,
         req: AppendEntriesRequest<C>,
     ) -> Result<AppendEntriesResponse<C>, Refusal> {
-        caller.check("AppendEntries", req.vote.leader_id.node_id)?;
+        caller.check("AppendEntries", self.local_id, req.vote.leader_id.node_id)?;
         self.raft
             .append_entries(req)
             .await
@@ -170,7 +194,11 @@ where
         caller: Caller,
         req: TransferLeaderRequest<C>,
     ) -> Result<TransferLeaderResponse<C>, Refusal> {
-        caller.check("TransferLeader", req.from_leader().leader_id.node_id)?;
+        caller.check(
+            "TransferLeader",
+            self.local_id,
+            req.from_leader().leader_id.node_id,
+        )?;
         self.raft
             .handle_transfer_leader(req)
             .await
@@ -193,10 +221,11 @@ where
     {
         let failure: Arc<Mutex<Option<Refusal>>> = Arc::default();
         let input_failure = failure.clone();
+        let local = self.local_id;
         let input = input.scan((), move |_, item| {
             let checked = item.and_then(|req| {
                 caller
-                    .check("StreamAppend", req.vote.leader_id.node_id)
+                    .check("StreamAppend", local, req.vote.leader_id.node_id)
                     .map(|()| req)
             });
             let next = match checked {
@@ -240,7 +269,7 @@ where
         S: Stream<Item = Result<Part, Refusal>> + Send,
     {
         let rpc = "InstallSnapshot";
-        caller.check(rpc, vote.leader_id.node_id)?;
+        caller.check(rpc, self.local_id, vote.leader_id.node_id)?;
         let mut receiving = Receiving::create(self.sink.clone()).await.map_err(|e| {
             refuse(
                 &caller,
@@ -251,7 +280,9 @@ where
         })?;
         match self.receive(&mut receiving, parts).await {
             Ok(digest) => {
-                let data = receiving.complete().map_err(|e| refuse(&caller, rpc, RefusalKind::Internal, e))?;
+                let data = receiving
+                    .complete()
+                    .map_err(|e| refuse(&caller, rpc, RefusalKind::Internal, e))?;
                 let trailer = digest.trailer();
                 tracing::info!(
                     bytes = trailer.length,
@@ -273,11 +304,17 @@ where
     }
 
     /// Writes every data part and checks the trailer; the digest of what was written.
-    async fn receive<S>(&self, receiving: &mut Receiving<SM::SnapshotData>, parts: S) -> Result<Digest, Refusal>
+    async fn receive<S>(
+        &self,
+        receiving: &mut Receiving<SM::SnapshotData>,
+        parts: S,
+    ) -> Result<Digest, Refusal>
     where
         S: Stream<Item = Result<Part, Refusal>> + Send,
     {
-        let internal = |what: &str, e: std::io::Error| Refusal::new(RefusalKind::Internal, format!("{what} snapshot data failed: {e}"));
+        let internal = |what: &str, e: std::io::Error| {
+            Refusal::new(RefusalKind::Internal, format!("{what} snapshot data failed: {e}"))
+        };
         let mut parts = std::pin::pin!(parts);
         let mut digest = Digest::default();
         loop {

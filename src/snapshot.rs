@@ -141,7 +141,10 @@ pub(crate) struct Receiving<SD: SnapshotData> {
 impl<SD: SnapshotData> Receiving<SD> {
     pub(crate) async fn create(sink: Arc<dyn SnapshotSink<SD>>) -> io::Result<Self> {
         let data = sink.create().await?;
-        Ok(Receiving { sink, data: Some(data) })
+        Ok(Receiving {
+            sink,
+            data: Some(data),
+        })
     }
 
     /// The data being written; `None` only after [`Receiving::complete`] or

@@ -254,9 +254,11 @@ mod grpc {
         (node, client.max_encoding_message_size(usize::MAX))
     }
 
+    /// A vote of node 2 (the plaintext server is node 1, and refuses requests that speak for
+    /// itself).
     fn vote(term: u64) -> pb::Vote {
         pb::Vote {
-            leader_id: Some(pb::LeaderId { term, node_id: 1 }),
+            leader_id: Some(pb::LeaderId { term, node_id: 2 }),
             committed: true,
         }
     }
@@ -387,5 +389,127 @@ mod grpc {
             .await;
         assert!(ok.is_ok(), "{ok:?}");
         node.stop().await.unwrap();
+    }
+
+    /// A snapshot whose data does not match its trailer, or that ends without one, is refused
+    /// and nothing is installed; a matching one is installed.
+    #[tokio::test]
+    async fn corrupted_or_truncated_snapshot_is_refused() {
+        let (mut node, mut client) = node_and_client(1 << 20).await;
+        let data: Vec<u8> = [&3u32.to_be_bytes()[..], b"key", &5u32.to_be_bytes()[..], b"value"].concat();
+        let header = pb::SnapshotHeader {
+            vote: Some(vote(5)),
+            meta: Some(pb::SnapshotMeta {
+                last_log_id: Some(pb::LogId {
+                    leader_id: Some(pb::LeaderId { term: 5, node_id: 2 }),
+                    index: 100,
+                }),
+                last_membership_log_id: None,
+                last_membership: Some(pb::Membership {
+                    configs: vec![pb::VoterSet { ids: vec![1] }],
+                    nodes: vec![pb::NodeEntry {
+                        id: 1,
+                        node: bytes::Bytes::from(node.addr().to_string()),
+                    }],
+                }),
+            }),
+        };
+        let chunk = |kind| pb::SnapshotChunk { kind: Some(kind) };
+        let header = chunk(pb::snapshot_chunk::Kind::Header(header));
+        let body = chunk(pb::snapshot_chunk::Kind::Data(bytes::Bytes::from(data.clone())));
+        let trailer = |length: u64, crc32c: u32| {
+            chunk(pb::snapshot_chunk::Kind::Trailer(pb::SnapshotTrailer {
+                length,
+                crc32c,
+            }))
+        };
+        let crc = crc32c(&data);
+        let len = data.len() as u64;
+        let mut flipped = data.clone();
+        flipped[4] ^= 0x20;
+        let cases = [
+            (
+                "a flipped bit",
+                vec![
+                    header.clone(),
+                    chunk(pb::snapshot_chunk::Kind::Data(flipped.into())),
+                    trailer(len, crc),
+                ],
+                "checksum mismatch",
+            ),
+            (
+                "a wrong length",
+                vec![header.clone(), body.clone(), trailer(len + 1, crc)],
+                "length mismatch",
+            ),
+            ("no trailer", vec![header.clone(), body.clone()], "truncated"),
+            (
+                "data after the trailer",
+                vec![header.clone(), body.clone(), trailer(len, crc), body.clone()],
+                "after the snapshot trailer",
+            ),
+        ];
+        for (what, chunks, needle) in cases {
+            let err = client
+                .install_snapshot(futures::stream::iter(chunks))
+                .await
+                .unwrap_err();
+            assert!(matches!(err.code(), Code::InvalidArgument), "{what}: {err:?}");
+            assert!(err.message().contains(needle), "{what}: {}", err.message());
+            assert_eq!(node.sm.snapshots_installed(), 0, "{what}: nothing installed");
+        }
+        client
+            .install_snapshot(futures::stream::iter([
+                header.clone(),
+                body.clone(),
+                trailer(len, crc),
+            ]))
+            .await
+            .unwrap();
+        assert_eq!(node.sm.snapshots_installed(), 1);
+        assert_eq!(node.sm.get("key").as_deref(), Some(&b"value"[..]));
+
+        // A snapshot "from" the receiving node itself would make openraft's engine panic
+        // (it would become leader through the install path): refused before Raft sees it.
+        let mut own = vote(9);
+        own.leader_id = Some(pb::LeaderId { term: 9, node_id: 1 });
+        let forged = chunk(pb::snapshot_chunk::Kind::Header(pb::SnapshotHeader {
+            vote: Some(own),
+            meta: match &header.kind {
+                Some(pb::snapshot_chunk::Kind::Header(h)) => h.meta.clone(),
+                _ => None,
+            },
+        }));
+        let err = client
+            .install_snapshot(futures::stream::iter([forged, body, trailer(len, crc)]))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+        assert!(err.message().contains("itself"), "{}", err.message());
+        let ok = client
+            .vote(pb::VoteRequest {
+                vote: Some(vote(10)),
+                last_log_id: None,
+                leadership_transfer: false,
+            })
+            .await;
+        assert!(ok.is_ok(), "the node's Raft is alive: {ok:?}");
+        node.stop().await.unwrap();
+    }
+
+    /// CRC32C (Castagnoli), bit by bit: an independent check of the receiver's arithmetic.
+    fn crc32c(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0x82F6_3B78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
     }
 }

@@ -528,3 +528,110 @@ async fn refusals_are_logged_with_the_peer_and_the_reason() {
     arena.assert_serving("logged refusals").await;
     arena.stop().await;
 }
+
+/// A snapshot meta body from node 9: its committed vote at `term`, a last log id, and a
+/// one-voter membership {9}.
+fn snapshot_meta_body(term: u64) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&term.to_be_bytes());
+    b.extend_from_slice(&9u64.to_be_bytes());
+    b.push(1);
+    // last_log_id: Some((term, 9), 50); last membership log id: None.
+    b.push(1);
+    for v in [term, 9, 50] {
+        b.extend_from_slice(&v.to_be_bytes());
+    }
+    b.push(0);
+    // One voter set {9}, and node 9's address.
+    b.extend_from_slice(&1u32.to_be_bytes());
+    b.extend_from_slice(&1u32.to_be_bytes());
+    b.extend_from_slice(&9u64.to_be_bytes());
+    b.extend_from_slice(&1u32.to_be_bytes());
+    b.extend_from_slice(&9u64.to_be_bytes());
+    let addr = b"127.0.0.1:9";
+    b.extend_from_slice(&(addr.len() as u32).to_be_bytes());
+    b.extend_from_slice(addr);
+    b
+}
+
+/// The snapshot trailer body: total length and CRC32C.
+fn trailer_body(length: u64, crc32c: u32) -> Vec<u8> {
+    [&length.to_be_bytes()[..], &crc32c.to_be_bytes()[..]].concat()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_that_do_not_match_their_trailer_are_refused() {
+    const KIND_SNAPSHOT_META: u8 = 8;
+    const KIND_SNAPSHOT_END: u8 = 13;
+    let mut arena = Arena::new().await;
+    let data = b"0123456789abcdef".repeat(100);
+    // CRC32C of `data`, from the reference bitwise definition.
+    let crc = {
+        let mut c = !0u32;
+        for &b in &data {
+            c ^= u32::from(b);
+            for _ in 0..8 {
+                c = if c & 1 == 1 {
+                    (c >> 1) ^ 0x82F6_3B78
+                } else {
+                    c >> 1
+                };
+            }
+        }
+        !c
+    };
+    let meta = frame(KIND_SNAPSHOT_META, 0, &snapshot_meta_body(7));
+    let chunk = |d: &[u8]| frame(KIND_SNAPSHOT_CHUNK, 1, d);
+    let mut flipped = data.clone();
+    flipped[100] ^= 1;
+    let len = data.len() as u64;
+    let cases = [
+        (
+            "a flipped bit",
+            [
+                meta.clone(),
+                chunk(&flipped),
+                frame(KIND_SNAPSHOT_END, 2, &trailer_body(len, crc)),
+            ]
+            .concat(),
+            BAD_REQUEST,
+            "checksum mismatch",
+        ),
+        (
+            "a short transfer",
+            [
+                meta.clone(),
+                chunk(&data[..800]),
+                frame(KIND_SNAPSHOT_END, 2, &trailer_body(len, crc)),
+            ]
+            .concat(),
+            BAD_REQUEST,
+            "length mismatch",
+        ),
+        (
+            "no trailer",
+            [meta.clone(), chunk(&data)].concat(),
+            BAD_REQUEST,
+            "truncated",
+        ),
+        (
+            "a second meta inside",
+            [meta.clone(), chunk(&data), meta.clone()].concat(),
+            UNEXPECTED_KIND,
+            "inside a snapshot",
+        ),
+    ];
+    for (what, bytes, code, needle) in cases {
+        let reply = arena.exchange(&bytes, true).await;
+        let (got, message) = error_frame(&reply);
+        assert_eq!(got, code, "{what}: {message}");
+        assert!(message.contains(needle), "{what}: {message:?} lacks {needle:?}");
+        assert_eq!(
+            arena.node.sm.snapshots_installed(),
+            0,
+            "{what}: nothing installed"
+        );
+        arena.assert_serving(what).await;
+    }
+    arena.stop().await;
+}

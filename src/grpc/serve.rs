@@ -240,7 +240,9 @@ where
     let result = match tokio::time::timeout(config.shutdown_grace, &mut serving).await {
         Ok(result) => result,
         Err(_) => {
-            tracing::info!("gRPC calls still open after the shutdown grace period; closing their connections");
+            tracing::info!(
+                "gRPC calls still open after the shutdown grace period; closing their connections"
+            );
             let _ = kill_tx.send(true);
             serving.await
         }

@@ -204,10 +204,10 @@ where
                 ))
             }
         });
-        let replies = self
-            .service
-            .stream_append(caller, input)
-            .map(|r| r.map(|result| convert::stream_reply_to_pb(&result)).map_err(status));
+        let replies = self.service.stream_append(caller, input).map(|r| {
+            r.map(|result| convert::stream_reply_to_pb(&result))
+                .map_err(status)
+        });
         Ok(Response::new(Box::pin(replies)))
     }
 

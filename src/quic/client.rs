@@ -216,7 +216,10 @@ impl<C: RaftWireConfig> Link<C> for Lane {
                 Message::Vote(req)
             };
             // Elections must not wait behind replication data either.
-            match self.call(RPCTypes::Vote, deadline, msg, HEARTBEAT_PRIORITY).await? {
+            match self
+                .call(RPCTypes::Vote, deadline, msg, HEARTBEAT_PRIORITY)
+                .await?
+            {
                 Message::VoteReply(r) => Ok(r),
                 other => Err(unexpected(RPCTypes::Vote, &other)),
             }
@@ -246,7 +249,12 @@ impl<C: RaftWireConfig> Link<C> for Lane {
     ) -> BoxFuture<'_, Result<TransferLeaderResponse<C>, TransportError>> {
         Box::pin(async move {
             match self
-                .call(RPCTypes::TransferLeader, deadline, Message::TransferLeader(req), 0)
+                .call(
+                    RPCTypes::TransferLeader,
+                    deadline,
+                    Message::TransferLeader(req),
+                    0,
+                )
                 .await?
             {
                 Message::TransferLeaderReply(r) => Ok(r),

@@ -159,7 +159,10 @@ pub(crate) struct Outgoing {
 
 impl Outgoing {
     pub(crate) fn new(send: quinn::SendStream) -> Self {
-        Outgoing { send, finished: false }
+        Outgoing {
+            send,
+            finished: false,
+        }
     }
 
     /// Encodes `msg` and writes it as one vectored write of its chunks (entry payloads and
@@ -199,7 +202,10 @@ impl Drop for Outgoing {
 pub(crate) fn endpoint_config(tls: Option<&crate::tls::TlsConfig>) -> quinn::EndpointConfig {
     match tls {
         Some(tls) => {
-            let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &tls.derive_secret(b"raftwire quic stateless reset v1"));
+            let key = aws_lc_rs::hmac::Key::new(
+                aws_lc_rs::hmac::HMAC_SHA256,
+                &tls.derive_secret(b"raftwire quic stateless reset v1"),
+            );
             quinn::EndpointConfig::new(Arc::new(key))
         }
         None => quinn::EndpointConfig::default(),

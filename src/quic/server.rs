@@ -51,7 +51,9 @@ fn error_code(kind: RefusalKind) -> ErrorCode {
 
 fn read_refusal(e: ReadError) -> Refusal {
     match &e {
-        ReadError::Frame(f) if f.error_code() == ErrorCode::TooLarge => Refusal::new(RefusalKind::TooLarge, e),
+        ReadError::Frame(f) if f.error_code() == ErrorCode::TooLarge => {
+            Refusal::new(RefusalKind::TooLarge, e)
+        }
         _ => Refusal::new(RefusalKind::BadRequest, e),
     }
 }
@@ -196,7 +198,12 @@ where
     SM::SnapshotData: SnapshotData,
 {
     let outcome = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.next::<C>()).await {
-        Err(_) => Err(refuse(&caller, "QUIC", RefusalKind::BadRequest, "no frame within 10 s")),
+        Err(_) => Err(refuse(
+            &caller,
+            "QUIC",
+            RefusalKind::BadRequest,
+            "no frame within 10 s",
+        )),
         Ok(Ok(None)) => {
             send.finish();
             return;

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod logs;
+pub mod relay;
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
