@@ -337,6 +337,11 @@ pub struct QuicTuning {
     /// smaller granted size is logged as a warning (raise `net.core.rmem_max`/`wmem_max`).
     /// Default: 8 MiB.
     pub udp_buffer: usize,
+    /// The round-trip time assumed before the first measurement. It sets how soon a lost
+    /// handshake packet is resent: quinn's 333 ms (RFC 9002's value for the open internet)
+    /// makes a dial that started while a restarting peer was down wait up to a second after
+    /// the peer is back. Default: 100 ms, generous for a LAN; raise it on long-haul links.
+    pub initial_rtt: std::time::Duration,
     /// Concurrent bidirectional streams a peer may open. Default: 256 (heartbeats, votes and
     /// replication of a handful of sessions need far fewer; the cap bounds a hostile peer).
     pub max_concurrent_streams: u32,
@@ -353,6 +358,7 @@ impl Default for QuicTuning {
             idle_timeout: std::time::Duration::from_secs(30),
             congestion: CongestionControl::Cubic,
             udp_buffer: 8 << 20,
+            initial_rtt: std::time::Duration::from_millis(100),
             max_concurrent_streams: 256,
         }
     }

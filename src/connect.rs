@@ -10,6 +10,8 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -20,6 +22,11 @@ use crate::stats::Stats;
 
 /// The first wait after a failed dial; doubled per consecutive failure up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Consecutive call timeouts after which a cached connection is dropped and redialled: a
+/// peer that died without closing (a crash, a pulled cable) leaves a connection that never
+/// fails on its own, only stays silent.
+const EVICT_AFTER_TIMEOUTS: u32 = 3;
 
 /// The longest wait between dials of an unreachable peer. Short enough that a restarted peer
 /// is reconnected within a second of listening again.
@@ -52,6 +59,8 @@ pub(crate) struct Dialer<T> {
     connect_timeout: Duration,
     stats: Stats,
     state: Arc<Mutex<State<T>>>,
+    /// Calls timed out in a row on the current connection.
+    timeouts: AtomicU32,
 }
 
 impl<T: Clone + Send + Sync + 'static> Dialer<T> {
@@ -65,6 +74,7 @@ impl<T: Clone + Send + Sync + 'static> Dialer<T> {
                 retry_at: None,
                 last_error: String::new(),
             })),
+            timeouts: AtomicU32::new(0),
         }
     }
 
@@ -159,8 +169,28 @@ impl<T: Clone + Send + Sync + 'static> Dialer<T> {
         }
     }
 
+    /// Learns from a call's outcome: a success clears the count of timeouts; the
+    /// [`EVICT_AFTER_TIMEOUTS`]th timeout in a row forgets the connection, so the next call
+    /// dials afresh (and finds a restarted peer).
+    pub(crate) fn observe<R>(&self, outcome: &Result<R, TransportError>) {
+        match outcome {
+            Ok(_) => self.timeouts.store(0, Ordering::Relaxed),
+            Err(TransportError::Timeout { .. }) => {
+                if self.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= EVICT_AFTER_TIMEOUTS {
+                    tracing::info!(
+                        addr = %self.addr,
+                        "{EVICT_AFTER_TIMEOUTS} calls in a row timed out; dropping the connection"
+                    );
+                    self.forget();
+                }
+            }
+            Err(_) => {}
+        }
+    }
+
     /// Forgets a connection that failed, so the next call dials afresh.
     pub(crate) fn forget(&self) {
+        self.timeouts.store(0, Ordering::Relaxed);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if let State::Ready(_) = &*st {
             *st = State::Idle {
@@ -174,9 +204,6 @@ impl<T: Clone + Send + Sync + 'static> Dialer<T> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicU32;
-    use std::sync::atomic::Ordering;
-
     use super::*;
 
     fn dialer() -> Dialer<u32> {
@@ -263,6 +290,27 @@ mod tests {
         assert_eq!(d.get(|c| *c != 1, || async { Ok(2) }).await.unwrap(), 2);
         d.forget();
         assert_eq!(d.get(|_| true, || async { Ok(3) }).await.unwrap(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_timeouts_evict_the_connection() {
+        let d = dialer();
+        assert_eq!(d.get(|_| true, || async { Ok(1) }).await.unwrap(), 1);
+        let timeout = || -> Result<(), TransportError> {
+            Err(TransportError::Timeout {
+                rpc: openraft::network::RPCTypes::AppendEntries,
+                after: Duration::from_millis(10),
+            })
+        };
+        d.observe(&timeout());
+        d.observe(&timeout());
+        d.observe(&Ok(()));
+        d.observe(&timeout());
+        d.observe(&timeout());
+        // A success in between reset the count: still the same connection.
+        assert_eq!(d.get(|_| true, || async { Ok(2) }).await.unwrap(), 1);
+        d.observe(&timeout());
+        assert_eq!(d.get(|_| true, || async { Ok(2) }).await.unwrap(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -191,9 +191,12 @@ impl Lane {
                 .map(|r| r.into_inner())
                 .map_err(|s| self.failed(rpc, s))
         };
-        tokio::time::timeout(deadline, work)
+        let outcome = tokio::time::timeout(deadline, work)
             .await
-            .map_err(|_| TransportError::Timeout { rpc, after: deadline })?
+            .map_err(|_| TransportError::Timeout { rpc, after: deadline })
+            .and_then(|r| r);
+        self.dialer.observe(&outcome);
+        outcome
     }
 }
 
@@ -294,14 +297,15 @@ impl<C: RaftWireConfig> Link<C> for Lane {
                 bytes: config.max_in_flight_bytes,
             };
             let sink = ChannelSink { tx: Some(tx) };
-            let replies: Replies<'s, C> = Box::pin(pipeline::run(
+            let replies = pipeline::run(
                 input,
                 sink,
                 Box::pin(replies),
                 window,
                 deadline,
                 self.stats.clone(),
-            ));
+            );
+            let replies: Replies<'s, C> = Box::pin(replies.inspect(|r| self.dialer.observe(r)));
             Ok(replies)
         })
     }

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use openraft::alias::SnapshotMetaOf;
@@ -196,9 +197,12 @@ impl Lane {
             send.finish();
             reply(rpc, reader.next::<C>().await)
         };
-        tokio::time::timeout(deadline, work)
+        let outcome = tokio::time::timeout(deadline, work)
             .await
-            .map_err(|_| TransportError::Timeout { rpc, after: deadline })?
+            .map_err(|_| TransportError::Timeout { rpc, after: deadline })
+            .and_then(|r| r);
+        self.dialer.observe(&outcome);
+        outcome
     }
 }
 
@@ -300,14 +304,15 @@ impl<C: RaftWireConfig> Link<C> for Lane {
                 next_id: 0,
                 max_len: self.shared.max_len,
             };
-            let replies: Replies<'s, C> = Box::pin(pipeline::run(
+            let replies = pipeline::run(
                 input,
                 sink,
                 Box::pin(replies),
                 window,
                 deadline,
                 self.shared.stats.clone(),
-            ));
+            );
+            let replies: Replies<'s, C> = Box::pin(replies.inspect(|r| self.dialer.observe(r)));
             Ok(replies)
         })
     }

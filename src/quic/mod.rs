@@ -41,6 +41,7 @@ fn transport_config(t: &QuicTuning) -> quinn::TransportConfig {
         .receive_window(varint(t.receive_window))
         .send_window(t.send_window)
         .initial_mtu(t.initial_mtu.max(1200))
+        .initial_rtt(t.initial_rtt)
         .keep_alive_interval(Some(t.keep_alive_interval))
         .max_idle_timeout(quinn::IdleTimeout::try_from(t.idle_timeout).ok())
         .max_concurrent_bidi_streams(VarInt::from_u32(t.max_concurrent_streams))

@@ -126,6 +126,12 @@ impl Relay {
     pub fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
     }
+
+    /// The link works again for new TCP connections and for every UDP datagram; TCP
+    /// connections that were open at the cut stay dead.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Drop for Relay {
