@@ -64,6 +64,7 @@ use crate::kv::NodeError;
 use crate::kv::StateMachine;
 use crate::pipeline;
 use crate::pipeline::RequestSink;
+use crate::pipeline::SendError;
 
 /// What is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -749,7 +750,7 @@ struct InProcessSink {
 }
 
 impl RequestSink<KvConfig> for InProcessSink {
-    async fn send(&mut self, req: AppendEntriesRequest<KvConfig>) -> Result<usize, TransportError> {
+    async fn send(&mut self, req: AppendEntriesRequest<KvConfig>) -> Result<usize, SendError<KvConfig>> {
         let closed = || TransportError::Broken {
             rpc: RPCTypes::AppendEntries,
             reason: "closed".into(),

@@ -125,6 +125,15 @@ pub enum TransportError {
     /// A value of ours could not be encoded.
     #[error(transparent)]
     Encode(#[from] EncodeError),
+    /// A single log entry encodes to more than the peer accepts: it can never be sent until
+    /// `max_message_size` is raised on every node.
+    #[error("a log entry of {size} bytes exceeds max_message_size ({max} bytes); raise it on every node")]
+    TooLarge {
+        /// The encoded size of the request holding the entry.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
     /// Reading the local snapshot failed.
     #[error("reading the snapshot to send failed: {0}")]
     SnapshotRead(#[source] io::Error),
@@ -134,15 +143,16 @@ impl TransportError {
     /// Maps a transport failure into openraft's error kinds. This and
     /// [`TransportError::into_streaming`] are the only places that decide it:
     /// - `Connect`: `Unreachable` (openraft backs off);
+    /// - `TooLarge`: `Unreachable` too: the same entry would fail again at once;
     /// - `Remote`: `Unreachable` too: `RPCError<C>` has no constructible remote variant, and a
     ///   peer whose Raft refuses or stopped deserves the same long backoff;
     /// - `Timeout`: `Timeout`;
     /// - everything else: `Network` (retried soon).
     pub(crate) fn into_rpc<C: RaftWireConfig>(self, local: u64, target: u64) -> RPCError<C> {
         match self {
-            TransportError::Connect { .. } | TransportError::Remote { .. } => {
-                RPCError::Unreachable(Unreachable::new(&self))
-            }
+            TransportError::Connect { .. }
+            | TransportError::Remote { .. }
+            | TransportError::TooLarge { .. } => RPCError::Unreachable(Unreachable::new(&self)),
             TransportError::Timeout { rpc, after } => RPCError::Timeout(Timeout {
                 action: rpc,
                 id: local,

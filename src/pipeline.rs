@@ -33,9 +33,36 @@ pub(crate) struct Window {
     pub(crate) bytes: usize,
 }
 
+/// Why a sink did not send a request.
+pub(crate) enum SendError<C: RaftWireConfig> {
+    /// The request encodes to more than the peer accepts: nothing was sent, and the request
+    /// comes back so the pipeline can split it.
+    TooLarge {
+        req: AppendEntriesRequest<C>,
+        size: usize,
+        max: usize,
+    },
+    /// The stream failed.
+    Failed(TransportError),
+}
+
+impl<C: RaftWireConfig> From<TransportError> for SendError<C> {
+    fn from(e: TransportError) -> Self {
+        SendError::Failed(e)
+    }
+}
+
+impl<C: RaftWireConfig> From<crate::error::EncodeError> for SendError<C> {
+    fn from(e: crate::error::EncodeError) -> Self {
+        SendError::Failed(e.into())
+    }
+}
+
 /// The sending half of a replication stream.
 pub(crate) trait RequestSink<C: RaftWireConfig>: Send {
     /// Encodes and sends one request; returns its encoded size. Must not wait for a reply.
+    /// A request over the peer's message limit is handed back unsent
+    /// ([`SendError::TooLarge`]).
     ///
     /// The pipeline never drops this future before it completes while the session lives (a
     /// half-written frame would corrupt the stream), but it may take long: transport flow
@@ -43,7 +70,7 @@ pub(crate) trait RequestSink<C: RaftWireConfig>: Send {
     fn send(
         &mut self,
         req: AppendEntriesRequest<C>,
-    ) -> impl Future<Output = Result<usize, TransportError>> + Send;
+    ) -> impl Future<Output = Result<usize, SendError<C>>> + Send;
 
     /// Half-closes the stream: no more requests follow.
     fn finish(&mut self);
@@ -52,16 +79,24 @@ pub(crate) trait RequestSink<C: RaftWireConfig>: Send {
 /// A send in progress. It owns the sink, so it can live in the state across `select!` rounds
 /// and be polled next to the replies and the deadline instead of blocking them; it hands the
 /// sink back when it completes.
-type Sending<'s, K> = Pin<Box<dyn Future<Output = (K, Result<usize, TransportError>)> + Send + 's>>;
+type Sending<'s, C, K> = Pin<Box<dyn Future<Output = (K, Sent<C>)> + Send + 's>>;
+
+/// A send's outcome, and whether the reply to it is to be yielded.
+type Sent<C> = (Result<usize, SendError<C>>, bool);
 
 struct State<'s, C: RaftWireConfig, S, K, R> {
     input: S,
     /// The sink while no send is in progress; `sending` owns it otherwise.
     sink: Option<K>,
-    sending: Option<Sending<'s, K>>,
+    sending: Option<Sending<'s, C, K>>,
+    /// Parts of a request that was too large to send whole, next in line before the input.
+    /// The flag says whether the part's reply is yielded (only the last part's is: openraft
+    /// sent one request and expects at most one reply to it).
+    split: VecDeque<(AppendEntriesRequest<C>, bool)>,
     replies: R,
-    /// Encoded sizes of the requests awaiting a reply, oldest first.
-    in_flight: VecDeque<usize>,
+    /// Encoded sizes of the requests awaiting a reply, oldest first, and whether each reply
+    /// is yielded.
+    in_flight: VecDeque<(usize, bool)>,
     in_flight_bytes: usize,
     input_done: bool,
     window: Window,
@@ -83,7 +118,7 @@ where
     /// Whether to read another request: the sink is free (one send at a time, and no reading
     /// ahead of a blocked send) and the window has room (one request is always allowed).
     fn may_send(&self) -> bool {
-        !self.input_done
+        (!self.input_done || !self.split.is_empty())
             && self.sending.is_none()
             && (self.in_flight.is_empty()
                 || (self.in_flight.len() < self.window.requests && self.in_flight_bytes < self.window.bytes))
@@ -92,7 +127,8 @@ where
     /// The next output item; `None` ends the stream.
     async fn next(&mut self) -> Option<Result<StreamAppendResult<C>, TransportError>> {
         loop {
-            if self.input_done && self.in_flight.is_empty() && self.sending.is_none() {
+            if self.input_done && self.in_flight.is_empty() && self.sending.is_none() && self.split.is_empty()
+            {
                 return self.drain().await;
             }
             let may_send = self.may_send();
@@ -102,29 +138,50 @@ where
             // it: either way the peer owes progress, so the deadline runs.
             let outstanding = waiting || busy;
             let deadline = self.last_progress + self.idle;
+            let from_split = !self.split.is_empty();
             tokio::select! {
                 biased;
                 // Only while a request is in flight, so every reply pairs with one; a reply to
                 // the request still being sent waits until that send completes.
                 reply = self.replies.next(), if waiting => {
-                    return Some(self.on_reply(reply));
+                    match self.on_reply(reply) {
+                        // The reply to a leading part of a split request: progress, not news.
+                        (Ok(Ok(_)), false) => continue,
+                        (item, _) => return Some(item),
+                    }
                 }
-                Some((sink, sent)) = OptionFuture::from(self.sending.as_mut()), if busy => {
+                Some((sink, (sent, yielded))) = OptionFuture::from(self.sending.as_mut()), if busy => {
                     self.sending = None;
                     self.sink = Some(sink);
                     let size = match sent {
                         Ok(size) => size,
-                        Err(e) => return Some(Err(e)),
+                        Err(SendError::TooLarge { req, size, max }) => match split(req) {
+                            Some((first, second)) => {
+                                tracing::debug!(size, max, "an AppendEntries batch is over the message limit; sending it in two parts");
+                                self.split.push_front((second, yielded));
+                                self.split.push_front((first, false));
+                                continue;
+                            }
+                            None => return Some(Err(TransportError::TooLarge { size, max })),
+                        },
+                        Err(SendError::Failed(e)) => return Some(Err(e)),
                     };
                     if self.in_flight.is_empty() {
                         // The peer took the whole request: its reply is now what it owes.
                         self.last_progress = Instant::now();
                     }
-                    self.in_flight.push_back(size);
+                    self.in_flight.push_back((size, yielded));
                     self.in_flight_bytes += size;
                     self.stats.record_in_flight(self.in_flight.len());
                 }
-                req = self.input.next(), if may_send => {
+                (req, yielded) = async {
+                    if from_split {
+                        let (req, yielded) = self.split.pop_front().unzip();
+                        (req, yielded.unwrap_or(true))
+                    } else {
+                        (self.input.next().await, true)
+                    }
+                }, if may_send => {
                     let Some(mut sink) = self.sink.take() else {
                         // `may_send` holds only while no send owns the sink.
                         return Some(Err(TransportError::Broken {
@@ -143,7 +200,7 @@ where
                     }
                     self.sending = Some(Box::pin(async move {
                         let sent = sink.send(req).await;
-                        (sink, sent)
+                        (sink, (sent, yielded))
                     }));
                 }
                 _ = tokio::time::sleep_until(deadline), if outstanding => {
@@ -168,25 +225,55 @@ where
         }
     }
 
+    /// Pairs a reply with the oldest request in flight; also says whether it is yielded.
     fn on_reply(
         &mut self,
         reply: Option<Result<StreamAppendResult<C>, TransportError>>,
-    ) -> Result<StreamAppendResult<C>, TransportError> {
-        let reply = reply.unwrap_or_else(|| {
-            Err(TransportError::Broken {
+    ) -> (Result<StreamAppendResult<C>, TransportError>, bool) {
+        let Some(reply) = reply else {
+            let e = TransportError::Broken {
                 rpc: RPCTypes::AppendEntries,
                 reason: format!("stream ended with {} requests unanswered", self.in_flight.len()),
-            })
-        })?;
-        if let Some(size) = self.in_flight.pop_front() {
+            };
+            return (Err(e), true);
+        };
+        let mut yielded = true;
+        if let Some((size, y)) = self.in_flight.pop_front() {
             self.in_flight_bytes -= size;
+            yielded = y;
         }
         self.last_progress = Instant::now();
-        Ok(reply)
+        (reply, yielded)
     }
 }
 
+/// Splits a request's entries in two consecutive requests (the second continues where the
+/// first ends); `None` for a request of one entry or none, which cannot be split.
+fn split<C: RaftWireConfig>(
+    mut req: AppendEntriesRequest<C>,
+) -> Option<(AppendEntriesRequest<C>, AppendEntriesRequest<C>)> {
+    if req.entries.len() < 2 {
+        return None;
+    }
+    let tail = req.entries.split_off(req.entries.len() / 2);
+    let first_last = req.entries.last().map(|e| e.log_id.clone());
+    let second = AppendEntriesRequest {
+        vote: req.vote.clone(),
+        prev_log_id: first_last.clone(),
+        entries: tail,
+        leader_commit: req.leader_commit.clone(),
+    };
+    // The first part must not claim a commit beyond what it carries.
+    req.leader_commit = req.leader_commit.min(first_last);
+    Some((req, second))
+}
+
 /// Runs a pipelined replication session over `sink`/`replies`.
+///
+/// A request whose encoding exceeds the peer's message limit is sent as consecutive parts
+/// (halving until each fits); only the last part's reply is yielded, as the reply to the
+/// request (acks are cumulative). A single entry over the limit fails the session with
+/// [`TransportError::TooLarge`].
 ///
 /// The returned stream yields results in input order and ends after the input ends and every
 /// request is answered, or right after the first error or rejection (`Conflict`/`HigherVote`),
@@ -210,6 +297,7 @@ where
         input,
         sink: Some(sink),
         sending: None,
+        split: VecDeque::new(),
         replies,
         in_flight: VecDeque::with_capacity(window.requests),
         in_flight_bytes: 0,
@@ -330,7 +418,7 @@ mod tests {
     }
 
     impl RequestSink<KvConfig> for FakeSink {
-        async fn send(&mut self, req: AppendEntriesRequest<KvConfig>) -> Result<usize, TransportError> {
+        async fn send(&mut self, req: AppendEntriesRequest<KvConfig>) -> Result<usize, SendError<KvConfig>> {
             let n = req.prev_log_id.map_or(0, |l| l.index);
             self.log.push(Event::Started(n));
             let mut guard = TearGuard(Some((self.log.clone(), n)));
@@ -680,5 +768,133 @@ mod tests {
             h.log.events(),
             [Event::Started(1), Event::Sent(1), Event::Finished]
         );
+    }
+
+    /// Accepts requests of at most two entries (as a peer with a small message limit would)
+    /// and answers each sent request, in order, with its last log id.
+    struct SmallSink {
+        sent: Arc<Mutex<Vec<(Option<u64>, Vec<u64>, Option<u64>)>>>,
+        replies: mpsc::UnboundedSender<Reply>,
+    }
+
+    impl RequestSink<KvConfig> for SmallSink {
+        async fn send(&mut self, req: AppendEntriesRequest<KvConfig>) -> Result<usize, SendError<KvConfig>> {
+            if req.entries.len() > 2 {
+                let size = req.entries.len() * 100;
+                return Err(SendError::TooLarge { req, size, max: 200 });
+            }
+            let indexes: Vec<u64> = req.entries.iter().map(|e| e.log_id.index).collect();
+            self.sent.lock().unwrap().push((
+                req.prev_log_id.map(|l| l.index),
+                indexes,
+                req.leader_commit.map(|l| l.index),
+            ));
+            let last = req.entries.last().map(|e| e.log_id).or(req.prev_log_id);
+            let _ = self.replies.send(Ok(Ok(last)));
+            Ok(req.entries.len() * 100)
+        }
+
+        fn finish(&mut self) {}
+    }
+
+    fn batch(prev: u64, n: u64, commit: u64) -> AppendEntriesRequest<KvConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: Some(log_id(prev)),
+            entries: (prev + 1..=prev + n)
+                .map(|i| openraft::impls::Entry {
+                    log_id: log_id(i),
+                    payload: openraft::EntryPayload::Blank,
+                })
+                .collect(),
+            leader_commit: Some(log_id(commit)),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn oversized_batches_are_split_and_answered_once() {
+        let (reply_tx, reply_rx) = mpsc::unbounded_channel();
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let sink = SmallSink {
+            sent: sent.clone(),
+            replies: reply_tx,
+        };
+        let input = futures::stream::iter([batch(0, 7, 7), batch(7, 1, 8)]);
+        let out: Vec<Reply> = run(
+            input,
+            sink,
+            UnboundedReceiverStream::new(reply_rx),
+            window(64),
+            Duration::from_secs(1),
+            Stats::default(),
+        )
+        .collect()
+        .await;
+        // One reply per request openraft sent, each acking its last entry.
+        let acked: Vec<Option<u64>> = out
+            .iter()
+            .map(|r| match r {
+                Ok(Ok(l)) => l.map(|l| l.index),
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(acked, vec![Some(7), Some(8)]);
+        // 7 entries went out as 1+2, 2+2 (halving until each part fits), in order, each part
+        // continuing where the previous ended and claiming no commit beyond what it carries.
+        let sent = sent.lock().unwrap().clone();
+        assert_eq!(
+            sent,
+            vec![
+                (Some(0), vec![1], Some(1)),
+                (Some(1), vec![2, 3], Some(3)),
+                (Some(3), vec![4, 5], Some(5)),
+                (Some(5), vec![6, 7], Some(7)),
+                (Some(7), vec![8], Some(8)),
+            ]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_entry_over_the_limit_fails_the_session() {
+        let (reply_tx, reply_rx) = mpsc::unbounded_channel();
+        let sink = SmallSink {
+            sent: Arc::default(),
+            replies: reply_tx,
+        };
+        // A sink that refuses everything: the batch is halved down to single entries, and a
+        // single entry that does not fit ends the session.
+        let out: Vec<Reply> = run(
+            futures::stream::iter([batch(0, 3, 3)]),
+            RejectAll(sink),
+            UnboundedReceiverStream::new(reply_rx),
+            window(64),
+            Duration::from_secs(1),
+            Stats::default(),
+        )
+        .collect()
+        .await;
+        assert_eq!(out.len(), 1);
+        assert!(
+            matches!(&out[0], Err(TransportError::TooLarge { max: 1, .. })),
+            "{:?}",
+            out[0]
+        );
+    }
+
+    /// Refuses every request as too large.
+    struct RejectAll(SmallSink);
+
+    impl RequestSink<KvConfig> for RejectAll {
+        async fn send(&mut self, req: AppendEntriesRequest<KvConfig>) -> Result<usize, SendError<KvConfig>> {
+            Err(SendError::TooLarge {
+                req,
+                size: 10,
+                max: 1,
+            })
+        }
+
+        fn finish(&mut self) {
+            self.0.finish();
+        }
     }
 }

@@ -27,6 +27,7 @@ on_every_transport!(
     restarted_follower_reconnects,
     heartbeats_flow_while_snapshot_streams,
     leadership_transfer,
+    small_message_limit_splits_batches_and_caps_snapshot_chunks,
 );
 
 async fn write_many(node: &KvNode, n: u64, value: Bytes, concurrency: usize) {
@@ -322,5 +323,30 @@ async fn leadership_transfer(transport: Transport) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(c.node(2).sm.get("before").as_deref(), Some(&b"x"[..]));
+    c.shutdown().await;
+}
+
+/// With a 64 KiB message limit, batches of 16 KiB entries (openraft sends up to 300 entries
+/// per request) go out split into parts that fit, and a snapshot goes out in chunks below the
+/// limit although openraft asks for 3 MiB chunks: everything replicates.
+async fn small_message_limit_splits_batches_and_caps_snapshot_chunks(transport: Transport) {
+    let net = common::Net::with(transport, |b| {
+        b.max_message_size(64 << 10).snapshot_chunk_size(32 << 10)
+    });
+    let mut c = Cluster::voters_with(net, 3).await;
+    let upto = snapshot_and_purge(&c, 200, 16 << 10).await;
+    for id in 2..=3 {
+        c.await_applied(id, upto).await;
+        assert_eq!(c.node(id).sm.dump(), c.node(1).sm.dump());
+    }
+    let n4 = KvNode::start(4, demo::raft_config(), c.net.config(4), loopback())
+        .await
+        .unwrap();
+    let leader = c.await_leader(1, None).await;
+    c.node(leader).raft.add_learner(4, n4.node(), true).await.unwrap();
+    demo::await_applied(&n4, upto).await.unwrap();
+    assert_eq!(n4.sm.snapshots_installed(), 1, "the learner got a snapshot");
+    assert_eq!(n4.sm.dump(), c.node(1).sm.dump());
+    c.nodes.insert(4, n4);
     c.shutdown().await;
 }

@@ -40,6 +40,7 @@ use crate::link::Replies;
 use crate::link::SnapshotUpload;
 use crate::pipeline;
 use crate::pipeline::RequestSink;
+use crate::pipeline::SendError;
 use crate::snapshot::Trailer;
 use crate::stats::Stats;
 use crate::tls;
@@ -296,7 +297,10 @@ impl<C: RaftWireConfig> Link<C> for Lane {
                 requests: config.max_in_flight_requests,
                 bytes: config.max_in_flight_bytes,
             };
-            let sink = ChannelSink { tx: Some(tx) };
+            let sink = ChannelSink {
+                tx: Some(tx),
+                max: self.max_message_size,
+            };
             let replies = pipeline::run(
                 input,
                 sink,
@@ -412,12 +416,20 @@ impl Drop for Upload<'_> {
 
 struct ChannelSink {
     tx: Option<mpsc::Sender<pb::AppendEntriesRequest>>,
+    max: usize,
 }
 
 impl<C: RaftWireConfig> RequestSink<C> for ChannelSink {
-    async fn send(&mut self, req: AppendEntriesRequest<C>) -> Result<usize, TransportError> {
+    async fn send(&mut self, req: AppendEntriesRequest<C>) -> Result<usize, SendError<C>> {
         let msg = convert::append_request_to_pb(&req)?;
         let size = msg.encoded_len();
+        if size > self.max {
+            return Err(SendError::TooLarge {
+                req,
+                size,
+                max: self.max,
+            });
+        }
         let closed = || TransportError::Broken {
             rpc: RPCTypes::AppendEntries,
             reason: "request stream closed".into(),

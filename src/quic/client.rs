@@ -36,6 +36,7 @@ use crate::link::Replies;
 use crate::link::SnapshotUpload;
 use crate::pipeline;
 use crate::pipeline::RequestSink;
+use crate::pipeline::SendError;
 use crate::snapshot::Trailer;
 use crate::stats::Stats;
 use crate::tls;
@@ -384,13 +385,27 @@ struct StreamSink {
 }
 
 impl<C: RaftWireConfig> RequestSink<C> for StreamSink {
-    async fn send(&mut self, req: AppendEntriesRequest<C>) -> Result<usize, TransportError> {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.send
-            .write(id, &Message::StreamAppend(req), self.max_len)
-            .await
-            .map_err(|e| write_failed(RPCTypes::AppendEntries, e))
+    async fn send(&mut self, req: AppendEntriesRequest<C>) -> Result<usize, SendError<C>> {
+        let msg = Message::StreamAppend(req);
+        match self.send.write(self.next_id, &msg, self.max_len).await {
+            Ok(size) => {
+                self.next_id += 1;
+                Ok(size)
+            }
+            // Refused by the encoder before a byte was written: the stream is intact.
+            Err(WriteError::Frame(crate::codec::FrameError::TooLarge { len, max })) => match msg {
+                Message::StreamAppend(req) => Err(SendError::TooLarge {
+                    req,
+                    size: usize::try_from(len).unwrap_or(usize::MAX),
+                    max,
+                }),
+                _ => Err(SendError::Failed(TransportError::TooLarge {
+                    size: usize::try_from(len).unwrap_or(usize::MAX),
+                    max,
+                })),
+            },
+            Err(e) => Err(SendError::Failed(write_failed(RPCTypes::AppendEntries, e))),
+        }
     }
 
     fn finish(&mut self) {
