@@ -256,12 +256,12 @@ fn split<C: RaftWireConfig>(
         return None;
     }
     let tail = req.entries.split_off(req.entries.len() / 2);
-    let first_last = req.entries.last().map(|e| e.log_id.clone());
+    let first_last = req.entries.last().map(|e| e.log_id);
     let second = AppendEntriesRequest {
-        vote: req.vote.clone(),
-        prev_log_id: first_last.clone(),
+        vote: req.vote,
+        prev_log_id: first_last,
         entries: tail,
-        leader_commit: req.leader_commit.clone(),
+        leader_commit: req.leader_commit,
     };
     // The first part must not claim a commit beyond what it carries.
     req.leader_commit = req.leader_commit.min(first_last);
