@@ -772,8 +772,11 @@ mod tests {
 
     /// Accepts requests of at most two entries (as a peer with a small message limit would)
     /// and answers each sent request, in order, with its last log id.
+    /// What a part carried: previous index, entry indexes, commit index.
+    type Part = (Option<u64>, Vec<u64>, Option<u64>);
+
     struct SmallSink {
-        sent: Arc<Mutex<Vec<(Option<u64>, Vec<u64>, Option<u64>)>>>,
+        sent: Arc<Mutex<Vec<Part>>>,
         replies: mpsc::UnboundedSender<Reply>,
     }
 
