@@ -49,11 +49,16 @@
 //!
 //! `config` (settings), `error` (error enums; the one place transport failures become
 //! openraft's `RPCError`), `tls` and `certs` (mutual TLS, node identity, rcgen tooling),
-//! `factory` (the factory and its connection cache), `pipeline` (transport-independent
-//! pipelining of `stream_append`), `grpc/` (client, server, accept loop, proto conversions),
-//! `codec/` (the QUIC frame format, no I/O), `quic/` (client, server), `server` (serves a
-//! `Raft`), `kv` (the demo key-value application, also used by the tests and benches), `demo`
-//! (the `raftwire demo` run).
+//! `factory` (the factory, its per-peer link cache and the `RaftNetworkV2` impl), `link` (the
+//! client trait every transport implements, and transport-neutral snapshot sending),
+//! `connect` (background dialling with backoff and eviction), `pipeline` (transport-neutral
+//! pipelining of `stream_append`), `service` (the server core every transport serves through:
+//! identity checks, snapshot receive / verify / install, bridging into `Raft`), `snapshot`,
+//! `server`, `grpc/` (client, server, accept loop, proto conversions), `codec/` (the QUIC
+//! frame format, no I/O), `quic/` (client, server), `kv` (the demo key-value application,
+//! also used by the tests and benches), `demo` (the `raftwire demo` run). A new transport is
+//! one more folder implementing `link::Connector`/`link::Link` and serving through
+//! `service::Service`.
 #![warn(missing_docs)]
 
 mod certs;
