@@ -186,7 +186,8 @@ impl Arena {
         .expect("QUIC handshake timed out")
         .expect("a node certificate from the cluster CA is accepted");
 
-        let mut factory = raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2));
+        let mut factory =
+            raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2)).unwrap();
         let honest = factory
             .new_client(
                 1,
