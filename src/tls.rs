@@ -371,9 +371,16 @@ fn identity_error(e: IdentityError) -> rustls::Error {
 }
 
 /// The reason a server gives a client it refuses, whatever the detail.
-#[derive(Debug, thiserror::Error)]
+#[derive(thiserror::Error)]
 #[error("certificate refused")]
 struct Refused;
+
+/// rustls shows certificate errors with `Debug`.
+impl fmt::Debug for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
 
 /// What a server tells a client it refuses: the class of the failure (which picks the TLS
 /// alert), never its details. rustls sends only the alert over TLS, but QUIC puts the error's
@@ -424,32 +431,30 @@ impl ServerCertVerifier for NodeServerVerifier {
         // Chain, validity period and usage are webpki's checks; the name it checks is the
         // expected node's identity, whatever address we dialled.
         let name = server_name(self.expected);
-        let verified =
-            match self
-                .inner
-                .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
-            {
-                Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::NotValidForName
-                    | rustls::CertificateError::NotValidForNameContext { .. },
-                )) => {
-                    return Err(identity_error(IdentityError::WrongServer {
-                        expected: self.expected,
-                        presented: node_names(end_entity),
-                    }));
-                }
-                other => other?,
-            };
+        let verified = self
+            .inner
+            .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now);
+        let wrong_name = matches!(
+            verified,
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName
+                    | rustls::CertificateError::NotValidForNameContext { .. }
+            ))
+        );
+        if let (false, Err(e)) = (wrong_name, &verified) {
+            // Chain and validity failures say more than the names do.
+            return Err(e.clone());
+        }
         // The name check passes for a certificate that also names other nodes, or names
         // them all with a wildcard: neither identifies one node.
         let names = node_names(end_entity);
         match names.exact() {
-            Some(id) if id == self.expected => Ok(verified),
+            Some(id) if id == self.expected && !wrong_name => verified,
+            None => Err(identity_error(IdentityError::NotExact(names))),
             Some(_) => Err(identity_error(IdentityError::WrongServer {
                 expected: self.expected,
                 presented: names,
             })),
-            None => Err(identity_error(IdentityError::NotExact(names))),
         }
     }
 
@@ -561,4 +566,52 @@ pub(crate) fn speaks_for(caller: Option<u64>, claimed: u64) -> Result<(), String
 /// `None` unless the certificate names exactly one node (the verifier refuses any other).
 pub(crate) fn peer_node_id(certs: Option<&[CertificateDer<'_>]>) -> Option<u64> {
     certs.and_then(|c| c.first()).and_then(|c| node_names(c).exact())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_canonical_node_name_counts() {
+        assert_eq!(parse_node_dns_name("node-7.raftwire"), Some(7));
+        assert_eq!(parse_node_dns_name("NODE-7.Raftwire"), Some(7));
+        for other in [
+            "node-07.raftwire",
+            "node-+7.raftwire",
+            "node-.raftwire",
+            "node-7.raftwire.x",
+            "*.raftwire",
+        ] {
+            assert_eq!(parse_node_dns_name(other), None, "{other}");
+        }
+        let names = |ids: Vec<u64>, wildcards: Vec<&str>| NodeNames {
+            ids,
+            wildcards: wildcards.into_iter().map(String::from).collect(),
+        };
+        assert_eq!(names(vec![3], vec![]).exact(), Some(3));
+        assert_eq!(names(vec![], vec![]).exact(), None);
+        assert_eq!(names(vec![3, 4], vec![]).exact(), None);
+        assert_eq!(names(vec![3], vec!["*.raftwire"]).exact(), None);
+    }
+
+    #[test]
+    fn refused_clients_learn_the_class_not_the_details() {
+        use rustls::CertificateError as E;
+        let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_700_000_000));
+        let not_after = UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_600_000_000));
+        let expired = rustls::Error::InvalidCertificate(E::ExpiredContext { time, not_after });
+        assert!(expired.to_string().contains("1700000000"), "{expired}");
+        let told = redacted(&expired);
+        assert_eq!(told, rustls::Error::InvalidCertificate(E::Expired));
+        let other = identity_error(IdentityError::NotAllowed {
+            id: 3,
+            allowed: BTreeSet::from([4242]),
+        });
+        let told = redacted(&other).to_string();
+        assert!(
+            !told.contains("4242") && told.contains("certificate refused"),
+            "{told}"
+        );
+    }
 }
