@@ -717,7 +717,7 @@ async fn replies_must_carry_the_request_id() {
     };
 
     // The control: the reply under the request's id (0 for a call) is taken.
-    let (addr, server) = raw_server(&net, |id| vote_reply(id)).await;
+    let (addr, server) = raw_server(&net, vote_reply).await;
     let mut client = client_of(addr).await;
     let resp = vote(&mut client).await.expect("a reply under the request id");
     assert_eq!(resp.vote.leader_id.node_id, 1);

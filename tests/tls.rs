@@ -996,8 +996,7 @@ async fn another_nodes_certificate_is_an_error_at_start_up() {
         let err = raftwire::Server::builder(raft.clone(), wrong)
             .bind(loopback())
             .await
-            .err()
-            .expect("the server starts");
+            .expect_err("the server starts");
         assert!(
             matches!(
                 err,
