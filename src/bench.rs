@@ -255,7 +255,8 @@ impl AppendBench {
                 .await?;
                 let leader_config = pki.tuned(BENCH_LEADER, transport, window, tuning)?;
                 let mut factory =
-                    NetworkFactory::<KvConfig, KvSnapshotData>::new(BENCH_LEADER, leader_config);
+                    NetworkFactory::<KvConfig, KvSnapshotData>::new(BENCH_LEADER, leader_config)
+                        .map_err(|e| bench_err("network")(e.to_string()))?;
                 let client = factory.new_client(1, &follower.node()).await;
                 bench.target = AppendTarget::Net(Box::new(client));
                 bench.follower = Some(follower);
@@ -400,7 +401,8 @@ impl RpcBench {
                 let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(
                     BENCH_LEADER,
                     pki.config(BENCH_LEADER, t, 64)?,
-                );
+                )
+                .map_err(|e| bench_err("network")(e.to_string()))?;
                 bench.client = Some(factory.new_client(1, &follower.node()).await);
                 bench.heartbeat = Some(factory.new_heartbeat_client(1, &follower.node()).await);
                 bench.follower = Some(follower);
@@ -1277,7 +1279,8 @@ impl SnapshotBench {
             Subject::Transport(t) => {
                 let sm = BlobStateMachine::default();
                 let config = pki.config(1, t, 64)?;
-                let network = NetworkFactory::<KvConfig, tokio::fs::File>::new(1, config.clone());
+                let network = NetworkFactory::<KvConfig, tokio::fs::File>::new(1, config.clone())
+                    .map_err(|e| bench_err("network")(e.to_string()))?;
                 let receiver =
                     openraft::Raft::new(1, raft_config(None)?, network, LogStore::default(), sm.clone())
                         .await
@@ -1297,7 +1300,8 @@ impl SnapshotBench {
                 let mut factory = NetworkFactory::<KvConfig, tokio::fs::File>::new(
                     BENCH_LEADER,
                     pki.config(BENCH_LEADER, t, 64)?,
-                );
+                )
+                .map_err(|e| bench_err("network")(e.to_string()))?;
                 let client = Box::new(factory.new_snapshot_client(1, &node).await);
                 SnapshotTarget::Net {
                     client,

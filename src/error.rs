@@ -30,6 +30,33 @@ pub enum ConfigError {
     /// A transport name that is not known or not compiled in.
     #[error("unknown transport `{0}` (compiled in: {compiled})", compiled = crate::config::compiled_transports())]
     UnknownTransport(String),
+    /// The TLS certificate speaks for another node than the one it is used for: every peer
+    /// would refuse it.
+    #[error(
+        "node {node_id} is configured with a TLS certificate for {certificate_names:?}: a node must present its own identity (node-{node_id}.raftwire)"
+    )]
+    IdentityMismatch {
+        /// The node's own id.
+        node_id: u64,
+        /// The node names the certificate carries.
+        certificate_names: Vec<String>,
+    },
+}
+
+impl ConfigError {
+    /// `Err` unless `tls` (if any) is node `node_id`'s identity.
+    pub(crate) fn check_identity(
+        node_id: u64,
+        tls: Option<&crate::tls::TlsConfig>,
+    ) -> Result<(), ConfigError> {
+        match tls {
+            Some(tls) if tls.node_id() != node_id => Err(ConfigError::IdentityMismatch {
+                node_id,
+                certificate_names: vec![crate::tls::node_dns_name(tls.node_id())],
+            }),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// A message that does not decode: names the field path (`entries[3].log_id`) and why.
@@ -189,6 +216,9 @@ pub enum ServerError {
     /// The serving loop failed.
     #[error("server failed: {0}")]
     Serve(String),
+    /// The configuration cannot serve this `Raft` (its certificate is another node's).
+    #[error("server config refused: {0}")]
+    Config(#[from] ConfigError),
 }
 
 /// An error and its sources, joined with ": ", for messages that must say what went wrong
@@ -206,4 +236,67 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// Why a TLS handshake was refused, if `e` or one of its causes says so: a rustls error (also
+/// inside an `io::Error`), or a QUIC connection closed over a TLS alert or raftwire's
+/// refusal. Seen from the client, which is the only side that dials. `None` for every other
+/// failure.
+pub(crate) fn handshake_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if let Some(r) = c.downcast_ref::<rustls::Error>() {
+            return Some(rustls_refusal(r));
+        }
+        #[cfg(feature = "quic")]
+        if let Some(r) = c.downcast_ref::<quinn::ConnectionError>() {
+            if let Some(reason) = crate::quic::refusal(r) {
+                return Some(reason);
+            }
+        }
+        // `io::Error::source` skips the error it wraps: look at that one too.
+        cur = match c.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+    }
+    None
+}
+
+/// Whether a TLS alert says the peer refused a certificate (as opposed to the handshake in
+/// general).
+pub(crate) fn is_certificate_alert(alert: rustls::AlertDescription) -> bool {
+    use rustls::AlertDescription as A;
+    matches!(
+        alert,
+        A::BadCertificate
+            | A::UnsupportedCertificate
+            | A::CertificateRevoked
+            | A::CertificateExpired
+            | A::CertificateUnknown
+            | A::UnknownCA
+            | A::AccessDenied
+            | A::DecryptError
+            | A::CertificateRequired
+            | A::BadCertificateStatusResponse
+    )
+}
+
+/// A client's reading of a TLS alert the server sent.
+pub(crate) fn alert_refusal(alert: rustls::AlertDescription) -> String {
+    if is_certificate_alert(alert) {
+        format!("the server refused our certificate: {alert:?}")
+    } else {
+        format!("the server refused the TLS handshake: {alert:?}")
+    }
+}
+
+fn rustls_refusal(e: &rustls::Error) -> String {
+    match e {
+        rustls::Error::AlertReceived(alert) => alert_refusal(*alert),
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            format!("we refused the server's certificate: {e}")
+        }
+        _ => format!("TLS handshake failed: {e}"),
+    }
 }

@@ -29,6 +29,7 @@ use openraft::raft::VoteResponse;
 
 use crate::config::Config;
 use crate::config::Transport;
+use crate::error::ConfigError;
 use crate::link;
 use crate::link::Connector;
 use crate::link::Link;
@@ -86,7 +87,11 @@ where
     SD: SnapshotData,
 {
     /// A factory for the node `local_id` (used in timeout reports).
-    pub fn new(local_id: u64, config: Config) -> Self {
+    ///
+    /// Fails with [`ConfigError::IdentityMismatch`] when the configured TLS certificate is
+    /// another node's: every peer would refuse this node's connections.
+    pub fn new(local_id: u64, config: Config) -> Result<Self, ConfigError> {
+        ConfigError::check_identity(local_id, config.tls.as_ref())?;
         if config.tls.is_none() {
             tracing::warn!(
                 node = local_id,
@@ -95,14 +100,14 @@ where
         }
         let stats = Stats::default();
         let connector = connector::<C>(&config, &stats);
-        NetworkFactory {
+        Ok(NetworkFactory {
             local_id,
             config: Arc::new(config),
             connector,
             peers: Arc::default(),
             stats,
             _types: PhantomData,
-        }
+        })
     }
 
     /// Counters of the traffic of every client this factory made.

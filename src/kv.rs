@@ -555,7 +555,8 @@ impl KvNode {
         sm: StateMachine,
         sink: Option<Arc<dyn SnapshotSink<KvSnapshotData>>>,
     ) -> Result<KvNode, NodeError> {
-        let network = NetworkFactory::new(id, net_config.clone());
+        let network = NetworkFactory::new(id, net_config.clone())
+            .map_err(|e| NodeError::new(format!("start the network of node {id}"), e))?;
         let raft = openraft::Raft::new(id, raft_config.clone(), network.clone(), log.clone(), sm.clone())
             .await
             .map_err(|e| NodeError::new(format!("start raft on node {id}"), e))?;

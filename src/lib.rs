@@ -37,7 +37,7 @@
 //! // This node's identity (made by `raftwire certs init`) and the cluster CA.
 //! let tls = raftwire::TlsConfig::from_pem_files("certs/ca.pem", "certs/node-1.pem", "certs/node-1.key")?;
 //! let config = raftwire::Config::builder().transport(raftwire::Transport::default()).tls(tls).build()?;
-//! let network = raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(1, config.clone());
+//! let network = raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(1, config.clone())?;
 //! let raft = openraft::Raft::new(1, Arc::new(openraft::Config::default().validate()?), network,
 //!                                LogStore::default(), StateMachine::default()).await?;
 //! let server = raftwire::Server::builder(raft.clone(), config).bind("0.0.0.0:5001".parse()?).await?;

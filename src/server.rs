@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::Config;
 use crate::config::Transport;
+use crate::error::ConfigError;
 use crate::error::ServerError;
 use crate::service::Service;
 use crate::snapshot::SnapshotData;
@@ -152,8 +153,15 @@ where
     }
 
     /// Binds `addr` (port 0 picks a free port: TCP for gRPC, UDP for QUIC) and starts serving
-    /// in a background task.
+    /// in a background task. Fails with [`ServerError::Config`] when the configured TLS
+    /// certificate names another node than the `Raft`'s.
     pub async fn bind(self, addr: SocketAddr) -> Result<Server, ServerError> {
+        // A server presenting another node's certificate would be refused by every peer.
+        let node_id = {
+            use openraft::async_runtime::watch::WatchReceiver;
+            self.raft.metrics().borrow_watched().id
+        };
+        ConfigError::check_identity(node_id, self.config.tls.as_ref())?;
         let transport_is_plaintext = self.config.tls.is_none();
         let bind_err = |source| ServerError::Bind {
             addr: addr.to_string(),

@@ -36,26 +36,64 @@ pub fn node_dns_name(id: u64) -> String {
     format!("node-{id}.raftwire")
 }
 
-/// The node ids named by a certificate's `node-<id>.raftwire` DNS SANs.
-pub(crate) fn node_ids(cert: &CertificateDer<'_>) -> Vec<u64> {
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
-        return Vec::new();
-    };
-    let Ok(Some(san)) = parsed.subject_alternative_name() else {
-        return Vec::new();
-    };
-    san.value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            x509_parser::extensions::GeneralName::DNSName(dns) => parse_node_dns_name(dns),
-            _ => None,
-        })
-        .collect()
+/// The names in a certificate that could make it speak for a node: its `node-<id>.raftwire`
+/// DNS SANs and any wildcard DNS SAN (which a name check would let stand for every node).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct NodeNames {
+    /// The node ids of the `node-<id>.raftwire` names, in certificate order.
+    pub(crate) ids: Vec<u64>,
+    /// Every wildcard DNS name.
+    pub(crate) wildcards: Vec<String>,
 }
 
+impl NodeNames {
+    /// The one node this certificate names, if it names exactly one and no wildcard.
+    pub(crate) fn exact(&self) -> Option<u64> {
+        match (&self.ids[..], self.wildcards.is_empty()) {
+            ([id], true) => Some(*id),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for NodeNames {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "node ids {:?}", self.ids)?;
+        if !self.wildcards.is_empty() {
+            write!(f, " and wildcard names {:?}", self.wildcards)?;
+        }
+        Ok(())
+    }
+}
+
+/// The node names a certificate carries (nothing when it does not parse).
+pub(crate) fn node_names(cert: &CertificateDer<'_>) -> NodeNames {
+    let mut names = NodeNames::default();
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else {
+        return names;
+    };
+    let Ok(Some(san)) = parsed.subject_alternative_name() else {
+        return names;
+    };
+    for name in &san.value.general_names {
+        if let x509_parser::extensions::GeneralName::DNSName(dns) = name {
+            if dns.contains('*') {
+                names.wildcards.push(dns.to_string());
+            } else if let Some(id) = parse_node_dns_name(dns) {
+                names.ids.push(id);
+            }
+        }
+    }
+    names
+}
+
+/// The id in `node-<id>.raftwire`, compared as a name check would (case-insensitively).
+/// Only the canonical spelling of the id counts: `node-01` is no name of node 1.
 pub(crate) fn parse_node_dns_name(dns: &str) -> Option<u64> {
-    dns.strip_prefix("node-")?.strip_suffix(".raftwire")?.parse().ok()
+    let dns = dns.to_ascii_lowercase();
+    let digits = dns.strip_prefix("node-")?.strip_suffix(".raftwire")?;
+    let id: u64 = digits.parse().ok()?;
+    (id.to_string() == digits).then_some(id)
 }
 
 /// Why TLS material could not be loaded or used.
@@ -83,6 +121,9 @@ pub enum TlsError {
         "the node certificate must name exactly one node id as DNS SAN `node-<id>.raftwire`, found {0:?}"
     )]
     NodeId(Vec<u64>),
+    /// The node certificate carries a wildcard DNS name, which would stand for any node.
+    #[error("the node certificate must not carry wildcard DNS names, found {0:?}")]
+    Wildcard(Vec<String>),
     /// The private key does not belong to the certificate.
     #[error("the private key does not match the node certificate: {0}")]
     KeyMismatch(String),
@@ -186,9 +227,12 @@ impl TlsConfig {
                 reason: e.to_string(),
             })?;
         }
-        let ids = node_ids(&chain[0]);
-        let [node_id] = ids[..] else {
-            return Err(TlsError::NodeId(ids));
+        let names = node_names(&chain[0]);
+        if !names.wildcards.is_empty() {
+            return Err(TlsError::Wildcard(names.wildcards));
+        }
+        let Some(node_id) = names.exact() else {
+            return Err(TlsError::NodeId(names.ids));
         };
         let signing_key = provider
             .key_provider
@@ -245,6 +289,7 @@ impl TlsConfig {
 
     /// A 32-byte secret for `label`, derived from this node's private key: stable across
     /// restarts of the same identity, unguessable without the key.
+    #[cfg(feature = "quic")]
     pub(crate) fn derive_secret(&self, label: &[u8]) -> [u8; 32] {
         let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, self.inner.key.secret_der());
         let tag = aws_lc_rs::hmac::sign(&key, label);
@@ -305,10 +350,12 @@ pub(crate) fn server_name(id: u64) -> ServerName<'static> {
 /// Why a peer's certificate was refused on identity grounds.
 #[derive(thiserror::Error)]
 enum IdentityError {
-    #[error("server identity mismatch: expected node {expected}, the certificate presents {presented:?}")]
-    WrongServer { expected: u64, presented: Vec<u64> },
-    #[error("client certificate names no node id (DNS SAN node-<id>.raftwire)")]
-    NoClientId,
+    #[error("server identity mismatch: expected node {expected}, the certificate presents {presented}")]
+    WrongServer { expected: u64, presented: NodeNames },
+    #[error(
+        "the certificate must name exactly one node (DNS SAN node-<id>.raftwire) and no wildcard; it presents {0}"
+    )]
+    NotExact(NodeNames),
     #[error("node {id} is not among the peers this server accepts ({allowed:?})")]
     NotAllowed { id: u64, allowed: BTreeSet<u64> },
 }
@@ -322,6 +369,49 @@ impl fmt::Debug for IdentityError {
 
 fn identity_error(e: IdentityError) -> rustls::Error {
     rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e))))
+}
+
+/// The reason a server gives a client it refuses, whatever the detail.
+#[derive(thiserror::Error)]
+#[error("certificate refused")]
+struct Refused;
+
+/// rustls shows certificate errors with `Debug`.
+impl fmt::Debug for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// What a server tells a client it refuses: the class of the failure (which picks the TLS
+/// alert), never its details. rustls sends only the alert over TLS, but QUIC puts the error's
+/// text in the CONNECTION_CLOSE frame, and the details (the server's clock against the
+/// validity window, the allow-list) are nothing an unauthenticated peer should learn. The
+/// details are logged on the server instead.
+fn redacted(e: &rustls::Error) -> rustls::Error {
+    use rustls::CertificateError as E;
+    let rustls::Error::InvalidCertificate(cert) = e else {
+        return rustls::Error::General(Refused.to_string());
+    };
+    let class = match cert {
+        E::Expired | E::ExpiredContext { .. } => E::Expired,
+        E::NotValidYet | E::NotValidYetContext { .. } => E::NotValidYet,
+        E::ExpiredRevocationList | E::ExpiredRevocationListContext { .. } => E::ExpiredRevocationList,
+        E::NotValidForName | E::NotValidForNameContext { .. } => E::NotValidForName,
+        E::InvalidPurpose | E::InvalidPurposeContext { .. } => E::InvalidPurpose,
+        E::UnsupportedSignatureAlgorithmContext { .. }
+        | E::UnsupportedSignatureAlgorithmForPublicKeyContext { .. } => E::BadSignature,
+        E::BadEncoding => E::BadEncoding,
+        E::Revoked => E::Revoked,
+        E::UnhandledCriticalExtension => E::UnhandledCriticalExtension,
+        E::UnknownIssuer => E::UnknownIssuer,
+        E::UnknownRevocationStatus => E::UnknownRevocationStatus,
+        E::BadSignature => E::BadSignature,
+        E::InvalidOcspResponse => E::InvalidOcspResponse,
+        E::ApplicationVerificationFailure => E::ApplicationVerificationFailure,
+        _ => E::Other(rustls::OtherError(Arc::new(Refused))),
+    };
+    rustls::Error::InvalidCertificate(class)
 }
 
 #[derive(Debug)]
@@ -342,18 +432,30 @@ impl ServerCertVerifier for NodeServerVerifier {
         // Chain, validity period and usage are webpki's checks; the name it checks is the
         // expected node's identity, whatever address we dialled.
         let name = server_name(self.expected);
-        match self
+        let verified = self
             .inner
-            .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now)
-        {
+            .verify_server_cert(end_entity, intermediates, &name, ocsp_response, now);
+        let wrong_name = matches!(
+            verified,
             Err(rustls::Error::InvalidCertificate(
                 rustls::CertificateError::NotValidForName
-                | rustls::CertificateError::NotValidForNameContext { .. },
-            )) => Err(identity_error(IdentityError::WrongServer {
+                    | rustls::CertificateError::NotValidForNameContext { .. }
+            ))
+        );
+        if let (false, Err(e)) = (wrong_name, &verified) {
+            // Chain and validity failures say more than the names do.
+            return Err(e.clone());
+        }
+        // The name check passes for a certificate that also names other nodes, or names
+        // them all with a wildcard: neither identifies one node.
+        let names = node_names(end_entity);
+        match names.exact() {
+            Some(id) if id == self.expected && !wrong_name => verified,
+            None => Err(identity_error(IdentityError::NotExact(names))),
+            Some(_) => Err(identity_error(IdentityError::WrongServer {
                 expected: self.expected,
-                presented: node_ids(end_entity),
+                presented: names,
             })),
-            other => other,
         }
     }
 
@@ -397,19 +499,23 @@ impl ClientCertVerifier for NodeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        // Details are logged here; the client learns only the class (see `redacted`).
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)
-            .inspect_err(|e| {
+            .map_err(|e| {
                 tracing::warn!("refusing a client certificate: {e}");
+                redacted(&e)
             })?;
-        let ids = node_ids(end_entity);
         let refuse = |e: IdentityError| {
             tracing::warn!("refusing a client: {e}");
-            Err(identity_error(e))
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
         };
-        let Some(&id) = ids.first() else {
-            return refuse(IdentityError::NoClientId);
+        let names = node_names(end_entity);
+        let Some(id) = names.exact() else {
+            return refuse(IdentityError::NotExact(names));
         };
         if let Some(allowed) = &self.allowed {
             if !allowed.contains(&id) {
@@ -458,8 +564,55 @@ pub(crate) fn speaks_for(caller: Option<u64>, claimed: u64) -> Result<(), String
 }
 
 /// The authenticated node id of a TLS peer, from its (already verified) certificate chain.
+/// `None` unless the certificate names exactly one node (the verifier refuses any other).
 pub(crate) fn peer_node_id(certs: Option<&[CertificateDer<'_>]>) -> Option<u64> {
-    certs
-        .and_then(|c| c.first())
-        .and_then(|c| node_ids(c).first().copied())
+    certs.and_then(|c| c.first()).and_then(|c| node_names(c).exact())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_canonical_node_name_counts() {
+        assert_eq!(parse_node_dns_name("node-7.raftwire"), Some(7));
+        assert_eq!(parse_node_dns_name("NODE-7.Raftwire"), Some(7));
+        for other in [
+            "node-07.raftwire",
+            "node-+7.raftwire",
+            "node-.raftwire",
+            "node-7.raftwire.x",
+            "*.raftwire",
+        ] {
+            assert_eq!(parse_node_dns_name(other), None, "{other}");
+        }
+        let names = |ids: Vec<u64>, wildcards: Vec<&str>| NodeNames {
+            ids,
+            wildcards: wildcards.into_iter().map(String::from).collect(),
+        };
+        assert_eq!(names(vec![3], vec![]).exact(), Some(3));
+        assert_eq!(names(vec![], vec![]).exact(), None);
+        assert_eq!(names(vec![3, 4], vec![]).exact(), None);
+        assert_eq!(names(vec![3], vec!["*.raftwire"]).exact(), None);
+    }
+
+    #[test]
+    fn refused_clients_learn_the_class_not_the_details() {
+        use rustls::CertificateError as E;
+        let time = UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_700_000_000));
+        let not_after = UnixTime::since_unix_epoch(std::time::Duration::from_secs(1_600_000_000));
+        let expired = rustls::Error::InvalidCertificate(E::ExpiredContext { time, not_after });
+        assert!(expired.to_string().contains("1700000000"), "{expired}");
+        let told = redacted(&expired);
+        assert_eq!(told, rustls::Error::InvalidCertificate(E::Expired));
+        let other = identity_error(IdentityError::NotAllowed {
+            id: 3,
+            allowed: BTreeSet::from([4242]),
+        });
+        let told = redacted(&other).to_string();
+        assert!(
+            !told.contains("4242") && told.contains("certificate refused"),
+            "{told}"
+        );
+    }
 }

@@ -191,7 +191,7 @@ async fn stalled_follower_times_out(transport: Transport) {
         Transport::Quic => quic_follower(&net).await,
         _ => grpc_follower(&net).await,
     };
-    let mut factory = raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2));
+    let mut factory = raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2)).unwrap();
     let peer = BasicNode {
         addr: follower.addr.to_string(),
     };

@@ -32,7 +32,7 @@ async fn unreachable_peer_is_reported_as_unreachable() {
     for transport in common::transports() {
         let config =
             common::Net::with(transport, |b| b.connect_timeout(Duration::from_millis(500))).config(1);
-        let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(1, config);
+        let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(1, config).unwrap();
         let mut client = factory
             .new_client(
                 2,
@@ -82,7 +82,7 @@ async fn black_holed_peer_times_out() {
     });
     for transport in common::transports() {
         let config = common::Net::new(transport).config(1);
-        let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(1, config);
+        let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(1, config).unwrap();
         let mut client = factory.new_client(2, &BasicNode { addr: addr.clone() }).await;
         let started = std::time::Instant::now();
         let err = client
@@ -122,7 +122,7 @@ async fn snapshot_send_honours_cancel() {
         )
         .await
         .unwrap();
-        let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2));
+        let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2)).unwrap();
         let mut client = factory.new_snapshot_client(1, &node.node()).await;
         let leader = raftwire::WireLeaderId { term: 1, node_id: 2 };
         let log_id = openraft::LogId {
@@ -184,7 +184,7 @@ async fn thousands_of_heartbeat_sessions_share_one_connection() {
             raftwire::kv::KvNode::start(1, raftwire::demo::raft_config(), net.config(1), loopback())
                 .await
                 .unwrap();
-        let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2));
+        let mut factory = NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2)).unwrap();
         let mut client = factory.new_heartbeat_client(1, &node.node()).await;
         let leader = raftwire::WireLeaderId { term: 1, node_id: 2 };
         for i in 0..2_500 {

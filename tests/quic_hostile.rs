@@ -186,7 +186,8 @@ impl Arena {
         .expect("QUIC handshake timed out")
         .expect("a node certificate from the cluster CA is accepted");
 
-        let mut factory = raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2));
+        let mut factory =
+            raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2)).unwrap();
         let honest = factory
             .new_client(
                 1,
@@ -634,4 +635,125 @@ async fn snapshots_that_do_not_match_their_trailer_are_refused() {
         arena.assert_serving(what).await;
     }
     arena.stop().await;
+}
+
+/// A raw QUIC server holding node 1's certificate: it reads each stream's first frame and
+/// answers with what `answer` makes of that frame's request id.
+async fn raw_server(
+    net: &Net,
+    answer: fn(u64) -> Vec<u8>,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let cert = net.ca.issue(1, &[], Validity::default()).unwrap();
+    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    crypto.alpn_protocols = vec![b"raftwire/1".to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).unwrap();
+    let endpoint =
+        quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), loopback()).unwrap();
+    let addr = endpoint.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            tokio::spawn(async move {
+                let Ok(conn) = incoming.await else { return };
+                while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                    tokio::spawn(async move {
+                        let mut head = [0u8; HEADER_LEN];
+                        if recv.read_exact(&mut head).await.is_err() {
+                            return;
+                        }
+                        let id = u64::from_be_bytes(head[10..18].try_into().unwrap());
+                        let _ = send.write_all(&answer(id)).await;
+                        let _ = send.finish();
+                        let _ = recv.read_to_end(64 << 10).await;
+                    });
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+async fn vote(
+    client: &mut raftwire::Network<KvConfig, KvSnapshotData>,
+) -> Result<openraft::raft::VoteResponse<KvConfig>, openraft::errors::RPCError<KvConfig>> {
+    let request = VoteRequest::new(openraft::impls::Vote::new(1, 2), None);
+    client.vote(request, RPCOption::new(ANSWER)).await
+}
+
+/// Node 1's vote reply at term 1, not granted.
+fn vote_reply(id: u64) -> Vec<u8> {
+    let mut body = vote_body(1, 1);
+    body.truncate(17);
+    body.extend_from_slice(&[0, 0]);
+    frame(KIND_VOTE_REPLY, id, &body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_must_carry_the_request_id() {
+    let net = Net::new(Transport::Quic);
+    let client_of = |addr: std::net::SocketAddr| {
+        let net = net.clone();
+        async move {
+            let mut factory =
+                raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(2, net.config(2)).unwrap();
+            factory
+                .new_client(
+                    1,
+                    &BasicNode {
+                        addr: addr.to_string(),
+                    },
+                )
+                .await
+        }
+    };
+
+    // The control: the reply under the request's id (0 for a call) is taken.
+    let (addr, server) = raw_server(&net, vote_reply).await;
+    let mut client = client_of(addr).await;
+    let resp = vote(&mut client).await.expect("a reply under the request id");
+    assert_eq!(resp.vote.leader_id.node_id, 1);
+    server.abort();
+
+    // A reply under another id is a protocol error naming both ids.
+    let (addr, server) = raw_server(&net, |id| vote_reply(id + 5)).await;
+    let mut client = client_of(addr).await;
+    let err = vote(&mut client)
+        .await
+        .expect_err("a reply under another id is taken");
+    let text = format!("{err} | {err:?}");
+    eprintln!("wrong reply id: {text}");
+    assert!(
+        matches!(err, openraft::errors::RPCError::Network(_)),
+        "a protocol error, not {err:?}"
+    );
+    assert!(
+        text.contains("request 0") && text.contains("request 5"),
+        "the error names both ids: {text}"
+    );
+    server.abort();
+
+    // An error frame may carry id 0 whatever it answers: it is the peer's refusal.
+    let (addr, server) = raw_server(&net, |_| {
+        let mut body = 3u16.to_be_bytes().to_vec();
+        body.extend_from_slice(b"not now");
+        frame(KIND_ERROR, 0, &body)
+    })
+    .await;
+    let mut client = client_of(addr).await;
+    let err = vote(&mut client).await.expect_err("an error frame is no reply");
+    let text = format!("{err}");
+    assert!(
+        matches!(err, openraft::errors::RPCError::Unreachable(_)) && text.contains("not now"),
+        "the peer's refusal: {err:?}"
+    );
+    server.abort();
 }

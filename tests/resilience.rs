@@ -228,7 +228,7 @@ fn shutdown_closes_everything_on(transport: Transport) {
         let config3 = net.config(3);
         let raft3 = subject
             .spawn(async move {
-                let network = raftwire::NetworkFactory::new(3, config3);
+                let network = raftwire::NetworkFactory::new(3, config3).unwrap();
                 openraft::Raft::new(
                     3,
                     demo::raft_config(),

@@ -172,7 +172,7 @@ impl Bed {
         )
         .await
         .unwrap();
-        let factory = NetworkFactory::new(2, net.config(2));
+        let factory = NetworkFactory::new(2, net.config(2)).unwrap();
         Bed {
             follower,
             sink,

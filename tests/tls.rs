@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
 use std::process::Output;
+use std::sync::Arc;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -33,6 +34,9 @@ use raftwire::demo;
 use raftwire::kv::KvConfig;
 use raftwire::kv::KvNode;
 use raftwire::kv::KvSnapshotData;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::pem::PemObject;
 
 type NetworkFactory = raftwire::NetworkFactory<KvConfig, KvSnapshotData>;
 
@@ -82,7 +86,7 @@ async fn vote_as(
     candidate: u64,
     ttl: Duration,
 ) -> Result<VoteResponse<KvConfig>, RPCError<KvConfig>> {
-    let mut factory = NetworkFactory::new(local, config);
+    let mut factory = NetworkFactory::new(local, config).unwrap();
     let node = BasicNode {
         addr: addr.to_string(),
     };
@@ -118,13 +122,18 @@ fn refused(
     }
 }
 
-/// A client the server refused during the handshake. Both transports report it as `Network`
-/// today: the client's side of a TLS 1.3 handshake completes before the server has checked the
-/// client certificate, so the refusal arrives on the first call, not while connecting.
-fn assert_unreachable_or_network(transport: Transport, what: &str, err: &RPCError<KvConfig>) {
+/// A client the server refused during the handshake. The client's side of a TLS 1.3
+/// handshake completes before the server has checked the client certificate, so the refusal
+/// may arrive on the first call: it is still a failed handshake, `Unreachable`, and the error
+/// says that the server refused our certificate.
+fn assert_our_certificate_refused(transport: Transport, what: &str, err: &RPCError<KvConfig>, text: &str) {
     assert!(
-        matches!(err, RPCError::Unreachable(_) | RPCError::Network(_)),
-        "{transport:?}: {what}: expected Unreachable or Network, got {err:?}"
+        matches!(err, RPCError::Unreachable(_)),
+        "{transport:?}: {what}: expected Unreachable, got {err:?}"
+    );
+    assert!(
+        text.contains("refused our certificate"),
+        "{transport:?}: {what}: the error does not say why: {text}"
     );
 }
 
@@ -184,8 +193,8 @@ async fn foreign_ca_is_refused_both_ways() {
             logs.clear();
             let client = config(transport, identity(&ours, foreign, 1, valid));
             let what = format!("client with an identity from a foreign CA ({check})");
-            let (err, _) = refused(transport, &what, vote(client, 1, 2, addr).await);
-            assert_unreachable_or_network(transport, &what, &err);
+            let (err, text) = refused(transport, &what, vote(client, 1, 2, addr).await);
+            assert_our_certificate_refused(transport, &what, &err, &text);
             let line = logs
                 .line(&format!("{transport:?}"), &["refusing a client certificate"])
                 .await;
@@ -260,8 +269,8 @@ async fn expired_and_not_yet_valid_certificates_are_refused() {
             logs.clear();
             let client = config(transport, identity(&ca, &ca, 1, validity));
             let what = format!("{name} client certificate");
-            let (err, _) = refused(transport, &what, vote(client, 1, 2, server.addr()).await);
-            assert_unreachable_or_network(transport, &what, &err);
+            let (err, text) = refused(transport, &what, vote(client, 1, 2, server.addr()).await);
+            assert_our_certificate_refused(transport, &what, &err, &text);
             let line = logs
                 .line(&format!("{transport:?}"), &["refusing a client certificate"])
                 .await;
@@ -276,24 +285,23 @@ async fn server_with_another_nodes_certificate_is_refused() {
     for transport in common::transports() {
         let ca = ca();
         let good = Validity::default();
-        // Node 2, serving with node 3's certificate.
-        let mut server = start(2, config(transport, identity(&ca, &ca, 3, good))).await;
+        // Node 3, reached by a client that means to reach node 2 there (a stale address).
+        let mut server = start(3, config(transport, identity(&ca, &ca, 3, good))).await;
         let client = config(transport, identity(&ca, &ca, 1, good));
 
         // The control: a client that means to reach node 3 at that address is served.
         vote(client.clone(), 1, 3, server.addr()).await.unwrap();
 
-        let what = "node 2 presenting node 3's certificate";
+        let what = "node 3's certificate where node 2 was expected";
         let (err, text) = refused(transport, what, vote(client, 1, 2, server.addr()).await);
         assert!(
             matches!(err, RPCError::Unreachable(_)),
             "{transport:?}: {what}: expected Unreachable, got {err:?}"
         );
-        // Today rustls shows the verifier's error in its `Debug` form
-        // (`WrongServer { expected: 2, presented: [3] }`); its `Display` form would read
-        // "expected node 2, the certificate presents [3]". Either names both nodes.
         assert!(
-            (text.contains("expected: 2") || text.contains("expected node 2")) && text.contains("[3]"),
+            text.contains("refused the server's certificate")
+                && text.contains("expected node 2")
+                && text.contains("[3]"),
             "{transport:?}: {what}: {text}"
         );
         server.stop().await.unwrap();
@@ -321,8 +329,8 @@ async fn allow_peers_refuses_other_nodes() {
         logs.clear();
         let client = config(transport, identity(&ca, &ca, 3, good));
         let what = "node 3 calling a server that allows only node 1";
-        let (err, _) = refused(transport, what, vote(client, 3, 2, server.addr()).await);
-        assert_unreachable_or_network(transport, what, &err);
+        let (err, text) = refused(transport, what, vote(client, 3, 2, server.addr()).await);
+        assert_our_certificate_refused(transport, what, &err, &text);
         let line = logs.line(&format!("{transport:?}"), &["refusing a client"]).await;
         assert!(
             line.contains("node 3 is not among the peers this server accepts ({1})"),
@@ -709,4 +717,350 @@ async fn certs_command_makes_a_working_cluster() {
             node.stop().await.unwrap();
         }
     }
+}
+
+// ---- Raw TLS peers, for certificates `TlsConfig` itself refuses to load. ----
+
+fn der_chain(pem: &str) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap()
+}
+
+fn der_key(pem: &str) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::from_pem_slice(pem.as_bytes()).unwrap()
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+fn alpn(transport: Transport) -> Vec<u8> {
+    match transport.name() {
+        "grpc" => b"h2".to_vec(),
+        _ => b"raftwire/1".to_vec(),
+    }
+}
+
+/// A raw TLS server for `transport` presenting `cert` to anyone, keeping every connection
+/// open for a while; its address.
+async fn raw_server(
+    transport: Transport,
+    cert: &NodeCertificate,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let mut crypto = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(der_chain(&cert.cert_pem), der_key(&cert.key_pem))
+        .unwrap();
+    crypto.alpn_protocols = vec![alpn(transport)];
+    if transport.name() == "grpc" {
+        let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(crypto));
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let stream = acceptor.accept(tcp).await;
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    drop(stream);
+                });
+            }
+        });
+        (addr, task)
+    } else {
+        raw_quic_server(crypto)
+    }
+}
+
+#[cfg(not(feature = "quic"))]
+fn raw_quic_server(_: rustls::ServerConfig) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    panic!("QUIC is not compiled in")
+}
+
+#[cfg(feature = "quic")]
+fn raw_quic_server(crypto: rustls::ServerConfig) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    {
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).unwrap();
+        let endpoint =
+            quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), loopback()).unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                tokio::spawn(async move {
+                    let conn = incoming.await;
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    drop(conn);
+                });
+            }
+        });
+        (addr, task)
+    }
+}
+
+fn raw_client_crypto(
+    transport: Transport,
+    ca: &CertificateAuthority,
+    cert: &NodeCertificate,
+) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in der_chain(ca.cert_pem()) {
+        roots.add(c).unwrap();
+    }
+    let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(der_chain(&cert.cert_pem), der_key(&cert.key_pem))
+        .unwrap();
+    crypto.alpn_protocols = vec![alpn(transport)];
+    crypto
+}
+
+/// How a raw client presenting `cert` to node `target` at `addr` was refused: the TLS alert
+/// (gRPC), or the QUIC connection error. Panics if it is not refused.
+async fn raw_client_refused(
+    transport: Transport,
+    ca: &CertificateAuthority,
+    cert: &NodeCertificate,
+    addr: SocketAddr,
+    target: u64,
+) -> String {
+    use tokio::io::AsyncReadExt;
+    use tokio::io::AsyncWriteExt;
+    let crypto = raw_client_crypto(transport, ca, cert);
+    let name = raftwire::node_dns_name(target);
+    let refusal = if transport.name() == "grpc" {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(crypto));
+        let server_name = rustls::pki_types::ServerName::try_from(name).unwrap();
+        match connector.connect(server_name, tcp).await {
+            // TLS 1.3: the server reads our certificate after our side is done.
+            Ok(mut stream) => {
+                let _ = stream.write_all(b"PRI * HTTP/2.0\r\n\r\n").await;
+                let mut buf = [0u8; 64];
+                match tokio::time::timeout(Duration::from_secs(3), stream.read(&mut buf)).await {
+                    Ok(Err(e)) => format!("{e}"),
+                    other => panic!("{transport:?}: the server did not refuse: {other:?}"),
+                }
+            }
+            Err(e) => format!("{e}"),
+        }
+    } else {
+        raw_quic_client_refused(crypto, addr, &name).await
+    };
+    eprintln!("{transport:?}: raw client refused: {refusal}");
+    refusal
+}
+
+#[cfg(not(feature = "quic"))]
+async fn raw_quic_client_refused(_: rustls::ClientConfig, _: SocketAddr, _: &str) -> String {
+    panic!("QUIC is not compiled in")
+}
+
+/// The TLS alert and reason of the QUIC close that refused this client.
+#[cfg(feature = "quic")]
+async fn raw_quic_client_refused(crypto: rustls::ClientConfig, addr: SocketAddr, name: &str) -> String {
+    let transport = Transport::Quic;
+    {
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+        let endpoint = quinn::Endpoint::client(loopback()).unwrap();
+        let connecting = endpoint
+            .connect_with(quinn::ClientConfig::new(Arc::new(crypto)), addr, name)
+            .unwrap();
+        let error = match connecting.await {
+            Ok(conn) => tokio::time::timeout(Duration::from_secs(3), conn.closed())
+                .await
+                .expect("the server did not refuse"),
+            Err(e) => e,
+        };
+        match error {
+            quinn::ConnectionError::ConnectionClosed(close) => {
+                let code = u64::from(close.error_code);
+                assert!(
+                    (0x100..0x200).contains(&code),
+                    "{transport:?}: not a TLS alert: {close:?}"
+                );
+                format!(
+                    "alert {}: {}",
+                    code - 0x100,
+                    String::from_utf8_lossy(&close.reason)
+                )
+            }
+            other => panic!("{transport:?}: not closed by the server's TLS stack: {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn certificates_naming_several_nodes_or_a_wildcard_are_refused() {
+    let (logs, _guard) = Logs::capture();
+    let ca = ca();
+    let valid = Validity::default();
+    // Node 1's certificate that also names node 2, and one with a wildcard name.
+    let cases = [
+        (
+            "two node names",
+            ca.issue(1, &["node-2.raftwire".to_string()], valid).unwrap(),
+        ),
+        (
+            "a wildcard name",
+            ca.issue(1, &["*.raftwire".to_string()], valid).unwrap(),
+        ),
+    ];
+
+    // As a node's own identity: refused at load time.
+    let ca_pem = ca.cert_pem().as_bytes();
+    let (two, wildcard) = (&cases[0].1, &cases[1].1);
+    let err = TlsConfig::from_pem(ca_pem, two.cert_pem.as_bytes(), two.key_pem.as_bytes()).unwrap_err();
+    assert!(
+        matches!(err, TlsError::NodeId(ref ids) if ids == &[1, 2]),
+        "{err:?}"
+    );
+    let err =
+        TlsConfig::from_pem(ca_pem, wildcard.cert_pem.as_bytes(), wildcard.key_pem.as_bytes()).unwrap_err();
+    assert!(
+        matches!(err, TlsError::Wildcard(ref names) if names == &["*.raftwire"]),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("wildcard"), "{err}");
+
+    for transport in common::transports() {
+        let mut server = start(2, config(transport, identity(&ca, &ca, 2, valid))).await;
+        for (what, cert) in &cases {
+            // Presented by a client: the server refuses it and logs why.
+            logs.clear();
+            raw_client_refused(transport, &ca, cert, server.addr(), 2).await;
+            let line = logs.line(&format!("{transport:?}"), &["refusing a client"]).await;
+            assert!(
+                line.contains("exactly one node"),
+                "{transport:?}: client with {what}: {line}"
+            );
+
+            // Presented by a server: a client that means to reach node 2 refuses it, though
+            // the certificate passes the name check for node-2.raftwire.
+            let (addr, raw) = raw_server(transport, cert).await;
+            let client = config(transport, identity(&ca, &ca, 3, valid));
+            let what = format!("server with {what}");
+            let (err, text) = refused(transport, &what, vote(client, 3, 2, addr).await);
+            assert!(
+                matches!(err, RPCError::Unreachable(_)),
+                "{transport:?}: {what}: expected Unreachable, got {err:?}"
+            );
+            assert!(
+                text.contains("refused the server's certificate") && text.contains("exactly one node"),
+                "{transport:?}: {what}: {text}"
+            );
+            raw.abort();
+        }
+        server.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_nodes_certificate_is_an_error_at_start_up() {
+    let ca = ca();
+    for transport in common::transports() {
+        // Node 2 configured with node 3's identity.
+        let wrong = config(transport, ca.tls_config(3).unwrap());
+        let err = NetworkFactory::new(2, wrong.clone())
+            .err()
+            .expect("the factory starts");
+        assert!(
+            matches!(
+                &err,
+                raftwire::ConfigError::IdentityMismatch { node_id: 2, certificate_names }
+                    if certificate_names == &["node-3.raftwire"]
+            ),
+            "{transport:?}: {err:?}"
+        );
+        assert!(
+            err.to_string().contains("node-3.raftwire"),
+            "{transport:?}: {err}"
+        );
+
+        // A Raft of node 2 (with a correct factory), served with node 3's identity.
+        let network = NetworkFactory::new(2, config(transport, ca.tls_config(2).unwrap())).unwrap();
+        let raft = openraft::Raft::new(
+            2,
+            demo::raft_config(),
+            network,
+            raftwire::kv::LogStore::default(),
+            raftwire::kv::StateMachine::default(),
+        )
+        .await
+        .unwrap();
+        let err = raftwire::Server::builder(raft.clone(), wrong)
+            .bind(loopback())
+            .await
+            .expect_err("the server starts");
+        assert!(
+            matches!(
+                err,
+                raftwire::ServerError::Config(raftwire::ConfigError::IdentityMismatch { node_id: 2, .. })
+            ),
+            "{transport:?}: {err:?}"
+        );
+        assert!(
+            err.to_string().contains("node-3.raftwire"),
+            "{transport:?}: {err}"
+        );
+        raft.shutdown().await.unwrap();
+    }
+}
+
+#[cfg(feature = "quic")]
+#[tokio::test]
+async fn quic_refusals_do_not_disclose_the_allow_list_or_the_clock() {
+    let (logs, _guard) = Logs::capture();
+    let transport = Transport::Quic;
+    let ca = ca();
+    let valid = Validity::default();
+    let tls = identity(&ca, &ca, 2, valid).allow_peers([4242, 5151]);
+    let mut server = start(2, config(transport, tls)).await;
+    // Digits of a Unix timestamp (or any long number) in a reason would be the server's clock.
+    let long_number = regex::Regex::new(r"[0-9]{6,}").unwrap();
+
+    let days = time::Duration::days;
+    let cases = [
+        ("a node outside the allow-list", 3, valid, "4242"),
+        (
+            "an expired certificate",
+            4242,
+            Validity {
+                from: days(-2),
+                until: days(-1),
+            },
+            "verification time",
+        ),
+        (
+            "a certificate not yet valid",
+            4242,
+            Validity {
+                from: days(1),
+                until: days(2),
+            },
+            "verification time",
+        ),
+    ];
+    for (what, id, validity, logged) in cases {
+        logs.clear();
+        let cert = ca.issue(id, &[], validity).unwrap();
+        let reason = raw_client_refused(transport, &ca, &cert, server.addr(), 2).await;
+        assert!(
+            !reason.contains("4242") && !reason.contains("5151") && !long_number.is_match(&reason),
+            "{what}: the close reason discloses details: {reason}"
+        );
+        assert!(
+            reason.contains("certificate"),
+            "{what}: the close reason says nothing: {reason}"
+        );
+        // The details are the server's to log.
+        let line = logs.line("quic", &["refusing a client", logged]).await;
+        assert!(line.contains("WARN"), "{what}: {line}");
+    }
+    server.stop().await.unwrap();
 }

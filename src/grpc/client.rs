@@ -1,6 +1,8 @@
 //! The gRPC client side: one lane (one HTTP/2 connection) per peer and purpose.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,6 +35,7 @@ use crate::config::Config;
 use crate::connect::Dialer;
 use crate::error::TransportError;
 use crate::error::error_chain;
+use crate::error::handshake_refusal;
 use crate::link;
 use crate::link::Link;
 use crate::link::Purpose;
@@ -81,6 +84,10 @@ pub(crate) struct Lane {
     tls: Option<tokio_rustls::TlsConnector>,
     target: u64,
     dialer: Dialer<Channel>,
+    /// Whether the server answered anything on the current connection: until it has, a
+    /// connection that dies took our certificate with it (TLS 1.3 servers check it only after
+    /// our side of the handshake is done).
+    answered: Arc<AtomicBool>,
     max_message_size: usize,
     max_in_flight_requests: usize,
     stats: Stats,
@@ -119,6 +126,7 @@ impl Lane {
             tls,
             target,
             dialer: Dialer::new(addr, config.connect_timeout, stats.clone()),
+            answered: Arc::new(AtomicBool::new(false)),
             max_message_size: config.max_message_size,
             max_in_flight_requests: config.max_in_flight_requests,
             stats,
@@ -126,11 +134,12 @@ impl Lane {
     }
 
     async fn client(&self) -> Result<RaftClient<Channel>, TransportError> {
-        let (endpoint, tls, addr, name) = (
+        let (endpoint, tls, addr, name, answered) = (
             self.endpoint.clone(),
             self.tls.clone(),
             self.addr.clone(),
             tls::server_name(self.target),
+            self.answered.clone(),
         );
         let channel = self
             .dialer
@@ -150,10 +159,12 @@ impl Lane {
                             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
                         }
                     });
-                    endpoint
+                    let channel = endpoint
                         .connect_with_connector(dial)
                         .await
-                        .map_err(|e| error_chain(&e))
+                        .map_err(|e| handshake_refusal(&e).unwrap_or_else(|| error_chain(&e)))?;
+                    answered.store(false, Ordering::Relaxed);
+                    Ok(channel)
                 },
             )
             .await?;
@@ -165,7 +176,11 @@ impl Lane {
     /// Maps a failed call and forgets a connection that may be dead, so the next call
     /// connects afresh (and reports `Connect` if the peer is gone).
     fn failed(&self, rpc: RPCTypes, status: Status) -> TransportError {
-        let err = status_to_error(&self.addr, rpc, status);
+        let fresh = self.tls.is_some() && !self.answered.load(Ordering::Relaxed);
+        let err = status_to_error(&self.addr, rpc, status, fresh);
+        if let TransportError::Remote { .. } = err {
+            self.answered();
+        }
         if matches!(
             err,
             TransportError::Broken { .. } | TransportError::Connect { .. }
@@ -173,6 +188,11 @@ impl Lane {
             self.dialer.forget();
         }
         err
+    }
+
+    /// Notes that the server answered on the current connection.
+    fn answered(&self) {
+        self.answered.store(true, Ordering::Relaxed);
     }
 
     async fn unary<Resp, F, Fut>(
@@ -189,7 +209,10 @@ impl Lane {
             let client = self.client().await?;
             call(client)
                 .await
-                .map(|r| r.into_inner())
+                .map(|r| {
+                    self.answered();
+                    r.into_inner()
+                })
                 .map_err(|s| self.failed(rpc, s))
         };
         let outcome = tokio::time::timeout(deadline, work)
@@ -286,8 +309,11 @@ impl<C: RaftWireConfig> Link<C> for Lane {
                 Ok(response) => response
                     .into_inner()
                     .map(move |r| match r {
-                        Ok(reply) => convert::stream_reply_from_pb(reply)
-                            .map_err(|source| TransportError::Decode { rpc, source }),
+                        Ok(reply) => {
+                            self.answered();
+                            convert::stream_reply_from_pb(reply)
+                                .map_err(|source| TransportError::Decode { rpc, source })
+                        }
                         Err(status) => Err(self.failed(rpc, status)),
                     })
                     .left_stream(),
@@ -353,7 +379,10 @@ impl Upload<'_> {
     async fn answer(&mut self) -> Result<pb::SnapshotResponse, TransportError> {
         let rpc = RPCTypes::InstallSnapshot;
         match (&mut self.call).await {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Ok(resp)) => {
+                self.lane.answered();
+                Ok(resp.into_inner())
+            }
             Ok(Err(status)) => Err(self.lane.failed(rpc, status)),
             Err(join) => Err(TransportError::Broken {
                 rpc,
@@ -446,20 +475,32 @@ impl<C: RaftWireConfig> RequestSink<C> for ChannelSink {
 
 /// A status the peer's raftwire server produced (marked) is the peer's own refusal; anything
 /// else came from the connection.
-fn status_to_error(addr: &str, rpc: RPCTypes, status: Status) -> TransportError {
+///
+/// Under TLS 1.3 the server checks our certificate after our side of the handshake is done,
+/// so its refusal arrives on the first call: as the TLS alert inside the HTTP/2 error, or, when
+/// our first write races the alert, as a connection that simply closed. Both mean the
+/// handshake failed: `Connect`. `fresh` says that the server never answered on this
+/// connection, which is what tells a closed connection from a refusal.
+fn status_to_error(addr: &str, rpc: RPCTypes, status: Status, fresh: bool) -> TransportError {
     if status.metadata().get(ERROR_MARK).is_some() {
         return TransportError::Remote {
             rpc,
             reason: format!("{:?}: {}", status.code(), status.message()),
         };
     }
-    let reason = error_chain(&status);
-    // Under TLS 1.3 the server checks our certificate after our side of the handshake is
-    // done, so its refusal arrives as an alert on the first call: still a failed handshake.
-    if reason.contains("received fatal alert") {
+    if let Some(reason) = handshake_refusal(&status) {
         return TransportError::Connect {
             addr: addr.to_string(),
             reason,
+        };
+    }
+    let reason = error_chain(&status);
+    if fresh && connection_lost(&status) {
+        return TransportError::Connect {
+            addr: addr.to_string(),
+            reason: format!(
+                "the server closed the connection before answering (it may have refused our certificate): {reason}"
+            ),
         };
     }
     match status.code() {
@@ -469,4 +510,32 @@ fn status_to_error(addr: &str, rpc: RPCTypes, status: Status) -> TransportError 
         },
         _ => TransportError::Broken { rpc, reason },
     }
+}
+
+/// Whether the connection under a failed call is gone (as opposed to one call failing).
+fn connection_lost(status: &Status) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(status);
+    while let Some(e) = cur {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            if h2.is_io() || h2.is_go_away() {
+                return true;
+            }
+        }
+        if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+            if hyper.is_closed() || hyper.is_incomplete_message() || hyper.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as K;
+            if matches!(
+                io.kind(),
+                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        cur = e.source();
+    }
+    false
 }

@@ -29,6 +29,7 @@ use crate::config::QuicTuning;
 use crate::connect::Dialer;
 use crate::error::TransportError;
 use crate::error::error_chain;
+use crate::error::handshake_refusal;
 use crate::link;
 use crate::link::Link;
 use crate::link::Purpose;
@@ -169,7 +170,9 @@ impl Lane {
                     let connecting = endpoint
                         .connect_with(config, addr, &name)
                         .map_err(|e| e.to_string())?;
-                    connecting.await.map_err(|e| error_chain(&e))
+                    connecting
+                        .await
+                        .map_err(|e| handshake_refusal(&e).unwrap_or_else(|| error_chain(&e)))
                 },
             )
             .await
@@ -177,7 +180,7 @@ impl Lane {
 
     async fn open(&self, rpc: RPCTypes, priority: i32) -> Result<(Outgoing, FrameReader), TransportError> {
         let conn = self.connection().await?;
-        let (send, recv) = conn.open_bi().await.map_err(|e| broken(rpc, e))?;
+        let (send, recv) = conn.open_bi().await.map_err(|e| failed(&self.addr, rpc, e))?;
         let _ = send.set_priority(priority);
         Ok((Outgoing::new(send), FrameReader::new(recv, self.shared.max_len)))
     }
@@ -194,9 +197,9 @@ impl Lane {
             let (mut send, mut reader) = self.open(rpc, priority).await?;
             send.write(0, &msg, self.shared.max_len)
                 .await
-                .map_err(|e| write_failed(rpc, e))?;
+                .map_err(|e| write_failed(&self.addr, rpc, e))?;
             send.finish();
-            reply(rpc, reader.next::<C>().await)
+            reply(&self.addr, rpc, 0, reader.next::<C>().await)
         };
         let outcome = tokio::time::timeout(deadline, work)
             .await
@@ -286,21 +289,24 @@ impl<C: RaftWireConfig> Link<C> for Lane {
             let (send, reader) = tokio::time::timeout(deadline, self.open(rpc, priority))
                 .await
                 .map_err(|_| TransportError::Timeout { rpc, after: deadline })??;
-            let replies = futures::stream::unfold(reader, move |mut reader| async move {
+            // Replies come in request order: the n-th carries request id n.
+            let addr = &self.addr;
+            let replies = futures::stream::unfold((reader, 0u64), move |(mut reader, id)| async move {
                 let item = match reader.next::<C>().await {
                     Ok(None) => return None,
-                    next => reply(rpc, next).and_then(|m| match m {
+                    next => reply(addr, rpc, id, next).and_then(|m| match m {
                         Message::StreamAppendReply(r) => Ok(r),
                         other => Err(unexpected(rpc, &other)),
                     }),
                 };
-                Some((item, reader))
+                Some((item, (reader, id + 1)))
             });
             let window = pipeline::Window {
                 requests: config.max_in_flight_requests,
                 bytes: config.max_in_flight_bytes,
             };
             let sink = StreamSink {
+                addr,
                 send,
                 next_id: 0,
                 max_len: self.shared.max_len,
@@ -329,8 +335,9 @@ impl<C: RaftWireConfig> Link<C> for Lane {
             let max_len = self.shared.max_len;
             send.write(0, &Message::<C>::SnapshotMeta { vote, meta }, max_len)
                 .await
-                .map_err(|e| write_failed(rpc, e))?;
+                .map_err(|e| write_failed(&self.addr, rpc, e))?;
             let upload: Box<dyn SnapshotUpload<C> + 's> = Box::new(Upload {
+                addr: &self.addr,
                 send,
                 reader,
                 next_id: 1,
@@ -342,14 +349,15 @@ impl<C: RaftWireConfig> Link<C> for Lane {
 }
 
 /// A snapshot stream: chunk frames, then the trailer. Dropped unfinished, the stream is reset.
-struct Upload {
+struct Upload<'a> {
+    addr: &'a str,
     send: Outgoing,
     reader: FrameReader,
     next_id: u64,
     max_len: usize,
 }
 
-impl<C: RaftWireConfig> SnapshotUpload<C> for Upload {
+impl<C: RaftWireConfig> SnapshotUpload<C> for Upload<'_> {
     fn send(&mut self, data: Bytes) -> BoxFuture<'_, Result<(), TransportError>> {
         Box::pin(async move {
             let id = self.next_id;
@@ -358,7 +366,7 @@ impl<C: RaftWireConfig> SnapshotUpload<C> for Upload {
                 .write(id, &Message::<C>::SnapshotChunk(data), self.max_len)
                 .await
                 .map(|_| ())
-                .map_err(|e| write_failed(RPCTypes::InstallSnapshot, e))
+                .map_err(|e| write_failed(self.addr, RPCTypes::InstallSnapshot, e))
         })
     }
 
@@ -368,9 +376,10 @@ impl<C: RaftWireConfig> SnapshotUpload<C> for Upload {
             self.send
                 .write(self.next_id, &Message::<C>::SnapshotEnd(trailer), self.max_len)
                 .await
-                .map_err(|e| write_failed(rpc, e))?;
+                .map_err(|e| write_failed(self.addr, rpc, e))?;
             self.send.finish();
-            match reply(rpc, self.reader.next::<C>().await)? {
+            // The receiver answers under the id of the stream's first frame, the meta's: 0.
+            match reply(self.addr, rpc, 0, self.reader.next::<C>().await)? {
                 Message::SnapshotAck(r) => Ok(r),
                 other => Err(unexpected(rpc, &other)),
             }
@@ -378,13 +387,14 @@ impl<C: RaftWireConfig> SnapshotUpload<C> for Upload {
     }
 }
 
-struct StreamSink {
+struct StreamSink<'a> {
+    addr: &'a str,
     send: Outgoing,
     next_id: u64,
     max_len: usize,
 }
 
-impl<C: RaftWireConfig> RequestSink<C> for StreamSink {
+impl<C: RaftWireConfig> RequestSink<C> for StreamSink<'_> {
     async fn send(&mut self, req: AppendEntriesRequest<C>) -> Result<usize, SendError<C>> {
         let msg = Message::StreamAppend(req);
         match self.send.write(self.next_id, &msg, self.max_len).await {
@@ -404,7 +414,11 @@ impl<C: RaftWireConfig> RequestSink<C> for StreamSink {
                     max,
                 })),
             },
-            Err(e) => Err(SendError::Failed(write_failed(RPCTypes::AppendEntries, e))),
+            Err(e) => Err(SendError::Failed(write_failed(
+                self.addr,
+                RPCTypes::AppendEntries,
+                e,
+            ))),
         }
     }
 
@@ -413,15 +427,28 @@ impl<C: RaftWireConfig> RequestSink<C> for StreamSink {
     }
 }
 
-/// A reply frame, or the error the peer sent instead.
+/// The reply frame to request `expected`, or the error the peer sent instead. A reply under
+/// another request id is a protocol error; an error frame may carry id 0 (a refusal that
+/// answers whatever the stream was for).
 fn reply<C: RaftWireConfig>(
+    addr: &str,
     rpc: RPCTypes,
+    expected: u64,
     next: Result<Option<(u64, Message<C>)>, super::ReadError>,
 ) -> Result<Message<C>, TransportError> {
     match next {
-        Ok(Some((_, Message::Error { code, message }))) => Err(TransportError::Remote {
+        Ok(Some((id, Message::Error { code, message }))) if id == 0 || id == expected => {
+            Err(TransportError::Remote {
+                rpc,
+                reason: format!("{code:?}: {message}"),
+            })
+        }
+        Ok(Some((id, msg))) if id != expected => Err(TransportError::Broken {
             rpc,
-            reason: format!("{code:?}: {message}"),
+            reason: format!(
+                "the peer answered request {expected} with a {:?} frame for request {id}",
+                msg.kind()
+            ),
         }),
         Ok(Some((_, msg))) => Ok(msg),
         Ok(None) => Err(TransportError::Broken {
@@ -431,7 +458,7 @@ fn reply<C: RaftWireConfig>(
         Err(super::ReadError::Frame(crate::codec::FrameError::Body { source, .. })) => {
             Err(TransportError::Decode { rpc, source })
         }
-        Err(e) => Err(broken(rpc, e)),
+        Err(e) => Err(failed(addr, rpc, e)),
     }
 }
 
@@ -442,16 +469,25 @@ fn unexpected<C: RaftWireConfig>(rpc: RPCTypes, msg: &Message<C>) -> TransportEr
     }
 }
 
-fn broken(rpc: RPCTypes, e: impl std::error::Error + 'static) -> TransportError {
-    TransportError::Broken {
-        rpc,
-        reason: error_chain(&e),
+/// A stream that failed: `Connect` when the connection under it was refused (the server
+/// checks our certificate only after our side of the handshake is done, so its refusal can
+/// end the first stream), `Broken` otherwise.
+fn failed(addr: &str, rpc: RPCTypes, e: impl std::error::Error + 'static) -> TransportError {
+    match handshake_refusal(&e) {
+        Some(reason) => TransportError::Connect {
+            addr: addr.to_string(),
+            reason,
+        },
+        None => TransportError::Broken {
+            rpc,
+            reason: error_chain(&e),
+        },
     }
 }
 
-fn write_failed(rpc: RPCTypes, e: WriteError) -> TransportError {
+fn write_failed(addr: &str, rpc: RPCTypes, e: WriteError) -> TransportError {
     match e {
         WriteError::Frame(crate::codec::FrameError::Encode(e)) => TransportError::Encode(e),
-        other => broken(rpc, other),
+        other => failed(addr, rpc, other),
     }
 }

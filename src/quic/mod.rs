@@ -96,6 +96,53 @@ fn code(c: ErrorCode) -> VarInt {
     VarInt::from_u32(c as u32)
 }
 
+/// The application close code of a connection the server refuses after the handshake (a
+/// peer without a node identity).
+pub(crate) const REFUSED: ErrorCode = ErrorCode::Forbidden;
+
+/// The reason a refused connection gives its peer: the details stay in the server's log.
+pub(crate) const REFUSED_REASON: &[u8] = b"certificate refused";
+
+/// The TLS alert of a QUIC crypto error code (0x100 + alert), if it is one.
+fn tls_alert(code: u64) -> Option<rustls::AlertDescription> {
+    (0x100..0x200)
+        .contains(&code)
+        .then(|| rustls::AlertDescription::from((code - 0x100) as u8))
+}
+
+/// Why a connection was refused during or right after its handshake, as the client reads
+/// it; `None` for any other way a connection ends.
+pub(crate) fn refusal(e: &quinn::ConnectionError) -> Option<String> {
+    let reason = |r: &[u8]| match String::from_utf8_lossy(r).trim() {
+        "" => String::new(),
+        r => format!(" ({r})"),
+    };
+    match e {
+        // Our own TLS stack gave up: we refused the server (its certificate, say).
+        quinn::ConnectionError::TransportError(t) => {
+            let alert = tls_alert(u64::from(t.code))?;
+            Some(if crate::error::is_certificate_alert(alert) {
+                format!("we refused the server's certificate: {}", t.reason)
+            } else {
+                format!("TLS handshake failed ({alert:?}): {}", t.reason)
+            })
+        }
+        // The server's TLS stack sent an alert.
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            let alert = tls_alert(u64::from(c.error_code))?;
+            Some(format!(
+                "{}{}",
+                crate::error::alert_refusal(alert),
+                reason(&c.reason)
+            ))
+        }
+        quinn::ConnectionError::ApplicationClosed(c) if c.error_code == code(REFUSED) => {
+            Some(format!("the server refused our certificate{}", reason(&c.reason)))
+        }
+        _ => None,
+    }
+}
+
 /// Why reading a frame from a stream failed.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ReadError {

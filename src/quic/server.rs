@@ -152,10 +152,7 @@ async fn connection<C, SM>(
     });
     let Some(node_id) = tls::peer_node_id(certs.as_deref().map(|c| c.as_slice())) else {
         // The verifier already refuses certificates without a node id.
-        conn.close(
-            quinn::VarInt::from_u32(ErrorCode::Forbidden as u32),
-            b"no node identity",
-        );
+        conn.close(super::code(super::REFUSED), super::REFUSED_REASON);
         return tracing::warn!(%addr, "QUIC peer has no node identity; closed");
     };
     let caller = Caller {
