@@ -43,6 +43,11 @@ use crate::stats::Stats;
 use crate::tls;
 use crate::types::RaftWireConfig;
 
+/// How long the first handshake attempt of a dial may take before a fresh one starts; each
+/// next attempt gets twice as long. Ample for a LAN handshake (one round trip plus the
+/// certificate checks); on slower paths the later, longer attempts succeed.
+const FIRST_DIAL_ATTEMPT: Duration = Duration::from_millis(250);
+
 /// Stream priority of heartbeats: ahead of replication and snapshot data when both wait.
 const HEARTBEAT_PRIORITY: i32 = 10;
 
@@ -167,12 +172,23 @@ impl Lane {
                         .ok_or("the name resolves to no address")?;
                     let endpoint = shared.endpoint(addr)?;
                     let name = tls::node_dns_name(target);
-                    let connecting = endpoint
-                        .connect_with(config, addr, &name)
-                        .map_err(|e| e.to_string())?;
-                    connecting
-                        .await
-                        .map_err(|e| handshake_refusal(&e).unwrap_or_else(|| error_chain(&e)))
+                    // A lost Initial is resent only after the probe timeout, which doubles
+                    // each time: a peer that comes back while a dial waits would be found
+                    // late. Fresh attempts (short at first, longer after) start over at once;
+                    // the dialer bounds the whole by `connect_timeout`.
+                    let mut attempt = FIRST_DIAL_ATTEMPT;
+                    loop {
+                        let connecting = endpoint
+                            .connect_with(config.clone(), addr, &name)
+                            .map_err(|e| e.to_string())?;
+                        match tokio::time::timeout(attempt, connecting).await {
+                            Ok(done) => {
+                                return done
+                                    .map_err(|e| handshake_refusal(&e).unwrap_or_else(|| error_chain(&e)));
+                            }
+                            Err(_) => attempt *= 2,
+                        }
+                    }
                 },
             )
             .await
