@@ -56,6 +56,31 @@ impl std::str::FromStr for Transport {
 ///
 /// Build one with [`Config::builder`]; every setting has a default chosen for replication
 /// between machines on a LAN.
+///
+/// # Limits
+///
+/// Nothing a peer can make a node hold grows without bound; each limit is a setting:
+///
+/// | limit | default | setting |
+/// |---|---|---|
+/// | unused cached connections to a peer | closed after 60 s | [`ConfigBuilder::idle_peer_timeout`] |
+/// | concurrent requests per connection | 256 | [`ConfigBuilder::max_concurrent_streams`] |
+/// | TLS handshakes in progress (server) | 64, each ≤ `connect_timeout` | [`ConfigBuilder::max_concurrent_handshakes`] |
+/// | connections per node identity (server) | 16 | [`ConfigBuilder::max_connections_per_peer`] |
+/// | vote / pre-vote / transfer-leader request | 64 KiB | [`ConfigBuilder::max_control_message_size`] |
+/// | any other message | 64 MiB | [`ConfigBuilder::max_message_size`] |
+/// | a snapshot in flight | one chunk (1 MiB) | [`ConfigBuilder::snapshot_chunk_size`] |
+///
+/// **Server-wide buffered bytes** are bounded by these, not by a budget of their own. A peer
+/// without a certificate from the cluster CA gets no further than a handshake: at most
+/// `max_concurrent_handshakes` TLS states (a few tens of KiB each) at any time. A certified
+/// peer may have `max_connections_per_peer` connections, each with at most
+/// `max_concurrent_streams` requests being received, each of at most `max_message_size`
+/// bytes, so the worst case is `peers × max_connections_per_peer × max_concurrent_streams ×
+/// max_message_size` (on top of each connection's receive window: 16 MiB on gRPC,
+/// [`QuicTuning::receive_window`] on QUIC). Only nodes holding certificates of the cluster CA
+/// can reach it; lower `max_concurrent_streams` or `max_message_size` where that worst case
+/// matters.
 #[derive(Debug, Clone)]
 pub struct Config {
     pub(crate) transport: Transport,
@@ -67,6 +92,11 @@ pub struct Config {
     pub(crate) snapshot_chunk_size: usize,
     pub(crate) snapshot_idle_timeout: Duration,
     pub(crate) shutdown_grace: Duration,
+    pub(crate) idle_peer_timeout: Duration,
+    pub(crate) max_concurrent_streams: u32,
+    pub(crate) max_concurrent_handshakes: usize,
+    pub(crate) max_connections_per_peer: usize,
+    pub(crate) max_control_message_size: usize,
     pub(crate) tls: Option<TlsConfig>,
     pub(crate) quic: QuicTuning,
 }
@@ -83,6 +113,11 @@ impl Config {
             snapshot_chunk_size: 1 << 20,
             snapshot_idle_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(1),
+            idle_peer_timeout: Duration::from_secs(60),
+            max_concurrent_streams: 256,
+            max_concurrent_handshakes: 64,
+            max_connections_per_peer: 16,
+            max_control_message_size: 64 << 10,
             tls: None,
             quic: QuicTuning::default(),
         }
@@ -199,6 +234,60 @@ impl ConfigBuilder {
         self
     }
 
+    /// How long a peer's cached connections may go unused, with no client of openraft holding
+    /// them, before the factory closes them and forgets the peer. Without it a node keeps a
+    /// connection (and its buffers) to every peer it ever talked to, removed members and
+    /// departed learners included. A swept peer is simply dialled again on next use (one
+    /// handshake, in the background). Default: 60 s, far longer than any gap between
+    /// heartbeats or elections of a live membership.
+    pub fn idle_peer_timeout(mut self, timeout: Duration) -> Self {
+        self.config.idle_peer_timeout = timeout;
+        self
+    }
+
+    /// How many requests one peer may have open at once on one connection (HTTP/2
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` for gRPC; the bidirectional stream credit for QUIC,
+    /// where the smaller of this and [`QuicTuning::max_concurrent_streams`] applies). Default:
+    /// 256: a peer needs a handful (a replication stream, heartbeats, a vote, a snapshot), and
+    /// the cap bounds what one hostile connection makes the server hold (tonic otherwise
+    /// leaves HTTP/2 unbounded).
+    pub fn max_concurrent_streams(mut self, streams: u32) -> Self {
+        self.config.max_concurrent_streams = streams;
+        self
+    }
+
+    /// How many TLS handshakes the server runs at once. Each lasts at most
+    /// [`connect_timeout`](ConfigBuilder::connect_timeout); connections arriving while every
+    /// slot is busy are turned away at once (gRPC closes the TCP connection; QUIC answers with
+    /// a Retry, which costs the server no state, or refuses an already validated address).
+    /// Default: 64, far more than a cluster's peers ever dial at once, while a flood of
+    /// half-open handshakes holds at most 64 sockets and TLS states.
+    pub fn max_concurrent_handshakes(mut self, handshakes: usize) -> Self {
+        self.config.max_concurrent_handshakes = handshakes;
+        self
+    }
+
+    /// How many connections the server keeps open for one node identity (the node id in the
+    /// peer's certificate); a connection over the limit is closed as soon as its handshake
+    /// reveals who it is, and logged. Not applied to plaintext gRPC, whose callers have no
+    /// identity. Default: 16: a gRPC peer legitimately uses 3 (replication, heartbeats,
+    /// snapshots), a QUIC peer 1, and reconnects briefly overlap the old connection.
+    pub fn max_connections_per_peer(mut self, connections: usize) -> Self {
+        self.config.max_connections_per_peer = connections;
+        self
+    }
+
+    /// The largest vote, pre-vote or transfer-leader request the server accepts. These are a
+    /// few dozen bytes; refusing anything larger before reading it (QUIC: from the frame
+    /// header; gRPC: from the message prefix, and never past this many body bytes) keeps a
+    /// peer from making the server buffer up to
+    /// [`max_message_size`](ConfigBuilder::max_message_size) for them. Refused with
+    /// `ResourceExhausted` (gRPC) or a `TooLarge` error frame (QUIC). Default: 64 KiB.
+    pub fn max_control_message_size(mut self, bytes: usize) -> Self {
+        self.config.max_control_message_size = bytes;
+        self
+    }
+
     /// Mutual TLS with this node's identity and the cluster CA: required unless
     /// [`ConfigBuilder::insecure_plaintext`] is chosen explicitly.
     pub fn tls(mut self, tls: TlsConfig) -> Self {
@@ -262,6 +351,17 @@ impl ConfigBuilder {
         positive("max_in_flight_bytes", c.max_in_flight_bytes)?;
         positive("snapshot_chunk_size", c.snapshot_chunk_size)?;
         positive("max_message_size", c.max_message_size)?;
+        positive("max_concurrent_streams", c.max_concurrent_streams as usize)?;
+        positive("max_concurrent_handshakes", c.max_concurrent_handshakes)?;
+        positive("max_connections_per_peer", c.max_connections_per_peer)?;
+        positive("max_control_message_size", c.max_control_message_size)?;
+        if c.idle_peer_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "idle_peer_timeout",
+                requirement: "non-zero",
+                value: "0s".into(),
+            });
+        }
         if c.snapshot_chunk_size + 1024 > c.max_message_size {
             return Err(ConfigError::Invalid {
                 field: "snapshot_chunk_size",
@@ -342,7 +442,8 @@ pub struct QuicTuning {
     /// makes a dial that started while a restarting peer was down wait up to a second after
     /// the peer is back. Default: 100 ms, generous for a LAN; raise it on long-haul links.
     pub initial_rtt: std::time::Duration,
-    /// Concurrent bidirectional streams a peer may open. Default: 256 (heartbeats, votes and
+    /// Concurrent bidirectional streams a peer may open. The smaller of this and
+    /// [`ConfigBuilder::max_concurrent_streams`] applies. Default: 256 (heartbeats, votes and
     /// replication of a handful of sessions need far fewer; the cap bounds a hostile peer).
     pub max_concurrent_streams: u32,
 }

@@ -5,6 +5,10 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::Weak;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::Stream;
 use futures::StreamExt;
@@ -48,6 +52,97 @@ use crate::quic;
 struct Peer<C: RaftWireConfig> {
     addr: String,
     links: HashMap<Purpose, Arc<dyn Link<C>>>,
+    /// Since when no `Network` holds any of the links (as first seen by a sweep); `None`
+    /// while one does.
+    idle_since: Option<Instant>,
+}
+
+impl<C: RaftWireConfig> Peer<C> {
+    fn new(addr: &str) -> Self {
+        Peer {
+            addr: addr.to_string(),
+            links: HashMap::new(),
+            idle_since: None,
+        }
+    }
+
+    /// Whether a `Network` still holds one of the links: more strong references than the
+    /// cache's own (a link shared across purposes is in the map once per purpose).
+    fn in_use(&self) -> bool {
+        self.links.values().any(|link| {
+            let cached = self.links.values().filter(|l| Arc::ptr_eq(l, link)).count();
+            Arc::strong_count(link) > cached
+        })
+    }
+
+    /// The distinct links (a link shared across purposes counts once).
+    fn distinct_links(&self) -> usize {
+        let links: Vec<_> = self.links.values().collect();
+        links
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| !links[..*i].iter().any(|o| Arc::ptr_eq(o, l)))
+            .count()
+    }
+}
+
+/// The factory's per-peer link cache.
+struct Cache<C: RaftWireConfig> {
+    peers: HashMap<u64, Peer<C>>,
+    /// Whether the background sweep has been started.
+    sweeping: bool,
+}
+
+impl<C: RaftWireConfig> Default for Cache<C> {
+    fn default() -> Self {
+        Cache {
+            peers: HashMap::new(),
+            sweeping: false,
+        }
+    }
+}
+
+impl<C: RaftWireConfig> Cache<C> {
+    /// Takes out the peers whose links no `Network` has held for `idle` (the caller drops
+    /// them, closing their connections, after releasing the lock).
+    fn sweep(&mut self, idle: Duration, now: Instant) -> Vec<(u64, Peer<C>)> {
+        let mut expired = Vec::new();
+        for (id, peer) in self.peers.iter_mut() {
+            if peer.in_use() {
+                peer.idle_since = None;
+                continue;
+            }
+            let since = *peer.idle_since.get_or_insert(now);
+            if now.saturating_duration_since(since) >= idle {
+                expired.push(*id);
+            }
+        }
+        expired
+            .into_iter()
+            .filter_map(|id| self.peers.remove(&id).map(|p| (id, p)))
+            .collect()
+    }
+}
+
+/// Logs and drops the peers a sweep took out of the cache.
+fn forget<C: RaftWireConfig>(expired: Vec<(u64, Peer<C>)>, idle: Duration) {
+    for (id, peer) in expired {
+        tracing::debug!(target = id, addr = %peer.addr, "no client used the peer for {idle:?}; closing its connections");
+    }
+}
+
+/// Sweeps the cache every `period` until the factory (every clone of it) is gone.
+async fn sweep_forever<C: RaftWireConfig>(cache: Weak<Mutex<Cache<C>>>, idle: Duration, period: Duration) {
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(cache) = cache.upgrade() else { return };
+        let expired = cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sweep(idle, Instant::now());
+        drop(cache);
+        forget(expired, idle);
+    }
 }
 
 /// openraft's network factory for raftwire: hands out [`Network`] clients that share one
@@ -56,14 +151,17 @@ struct Peer<C: RaftWireConfig> {
 /// `new_client` (replication and elections), `new_heartbeat_client` and
 /// `new_snapshot_client` each use their own connection to a peer. Connections are made on
 /// first use, reused by every later client, and made again after a failure. A peer whose
-/// address changes gets fresh connections.
+/// address changes gets fresh connections. A peer none of whose connections any client has
+/// held for [`idle_peer_timeout`](crate::ConfigBuilder::idle_peer_timeout) (a removed
+/// member, a departed learner) is forgotten and its connections closed, by a sweep on every
+/// `new_client` and by a background task that ends with the factory.
 ///
 /// `SD` is the state machine's snapshot data type.
 pub struct NetworkFactory<C: RaftWireConfig, SD> {
     local_id: u64,
     config: Arc<Config>,
     connector: Arc<dyn Connector<C>>,
-    peers: Arc<Mutex<HashMap<u64, Peer<C>>>>,
+    peers: Arc<Mutex<Cache<C>>>,
     stats: Stats,
     _types: PhantomData<fn() -> (C, SD)>,
 }
@@ -110,24 +208,46 @@ where
         })
     }
 
-    /// Counters of the traffic of every client this factory made.
+    /// Counters of the traffic of every client this factory made, and the size of its
+    /// connection cache.
     pub fn stats(&self) -> NetworkStats {
-        self.stats.snapshot()
+        let mut stats = self.stats.snapshot();
+        let cache = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        stats.peers_cached = cache.peers.len() as u64;
+        stats.links_cached = cache.peers.values().map(|p| p.distinct_links() as u64).sum();
+        stats
+    }
+
+    /// Starts the background sweep of idle peers once, on the runtime of the first caller.
+    fn start_sweeping(&self, cache: &mut Cache<C>) {
+        if cache.sweeping {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            // Outside a runtime: `new_client` still sweeps.
+            return;
+        };
+        cache.sweeping = true;
+        let idle = self.config.idle_peer_timeout;
+        // Often enough that a peer is forgotten within a quarter of the timeout after it.
+        let period = (idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(15));
+        runtime.spawn(sweep_forever(Arc::downgrade(&self.peers), idle, period));
     }
 
     fn client(&self, target: u64, node: &C::Node, purpose: Purpose) -> Network<C, SD> {
         let addr = node.peer_addr();
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let peer = peers.entry(target).or_insert_with(|| Peer {
-            addr: addr.to_string(),
-            links: HashMap::new(),
-        });
+        let mut cache = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        self.start_sweeping(&mut cache);
+        let expired = if purpose == Purpose::Replication {
+            cache.sweep(self.config.idle_peer_timeout, Instant::now())
+        } else {
+            Vec::new()
+        };
+        let peer = cache.peers.entry(target).or_insert_with(|| Peer::new(addr));
+        peer.idle_since = None;
         if peer.addr != addr {
             tracing::info!(target, old = %peer.addr, new = addr, "peer address changed; reconnecting");
-            *peer = Peer {
-                addr: addr.to_string(),
-                links: HashMap::new(),
-            };
+            *peer = Peer::new(addr);
         }
         let shared = self
             .connector
@@ -139,6 +259,8 @@ where
             .entry(purpose)
             .or_insert_with(|| shared.unwrap_or_else(|| self.connector.link(addr, target, purpose)))
             .clone();
+        drop(cache);
+        forget(expired, self.config.idle_peer_timeout);
         Network {
             local_id: self.local_id,
             target,

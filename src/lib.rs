@@ -66,6 +66,7 @@ mod config;
 mod connect;
 mod error;
 mod factory;
+mod limits;
 mod link;
 mod pipeline;
 mod server;

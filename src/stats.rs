@@ -18,6 +18,13 @@ pub struct NetworkStats {
     pub snapshots_sent: u64,
     /// Snapshot data bytes sent.
     pub snapshot_bytes_sent: u64,
+    /// Peers in the factory's connection cache: peers of the current membership, plus
+    /// departed ones until their links have been unused for
+    /// [`idle_peer_timeout`](crate::ConfigBuilder::idle_peer_timeout).
+    pub peers_cached: u64,
+    /// Links in the factory's connection cache, each holding at most one connection (gRPC
+    /// keeps up to 3 per peer: replication, heartbeats, snapshots; QUIC 1).
+    pub links_cached: u64,
 }
 
 #[derive(Debug, Default)]
@@ -59,6 +66,9 @@ impl Stats {
             connects: c.connects.load(Ordering::Relaxed),
             snapshots_sent: c.snapshots_sent.load(Ordering::Relaxed),
             snapshot_bytes_sent: c.snapshot_bytes_sent.load(Ordering::Relaxed),
+            // Filled in by the factory, which owns the cache.
+            peers_cached: 0,
+            links_cached: 0,
         }
     }
 }

@@ -97,6 +97,13 @@ pub(crate) enum Kind {
     Error = 15,
 }
 
+impl Kind {
+    /// Whether this is a small control request, held to the control-message limit.
+    pub(crate) fn is_control(self) -> bool {
+        matches!(self, Kind::Vote | Kind::PreVote | Kind::TransferLeader)
+    }
+}
+
 impl TryFrom<u8> for Kind {
     /// The unknown value.
     type Error = u8;
@@ -301,6 +308,8 @@ enum DecodeState {
 #[derive(Debug)]
 pub(crate) struct FrameDecoder {
     max_len: usize,
+    /// The limit on control requests (votes, pre-votes, transfer-leader), at most `max_len`.
+    max_control: usize,
     state: DecodeState,
 }
 
@@ -309,8 +318,16 @@ impl FrameDecoder {
     pub(crate) fn new(max_len: usize) -> Self {
         FrameDecoder {
             max_len,
+            max_control: max_len,
             state: DecodeState::Head,
         }
+    }
+
+    /// Also refuses control requests (votes, pre-votes, transfer-leader) longer than `max`,
+    /// from their header, before any of the body is read.
+    pub(crate) fn with_control_limit(mut self, max: usize) -> Self {
+        self.max_control = max.min(self.max_len);
+        self
     }
 
     /// The next whole frame in `buf`, consuming it; `Ok(None)` if more bytes are needed.
@@ -323,6 +340,12 @@ impl FrameDecoder {
                 let Some(header) = Header::parse(buf, self.max_len)? else {
                     return Ok(None);
                 };
+                if header.kind.is_control() && header.len as usize > self.max_control {
+                    return Err(FrameError::TooLarge {
+                        len: u64::from(header.len),
+                        max: self.max_control,
+                    });
+                }
                 buf.advance(HEADER_LEN);
                 // The length passed the limit check. Reserve room for this frame only, and
                 // for a large one only a first part: a peer that announces 64 MiB and sends

@@ -2,6 +2,7 @@
 
 mod client;
 mod convert;
+mod limit;
 mod serve;
 mod server;
 

@@ -26,6 +26,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::pb::raft_server::RaftServer;
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::limits::Admission;
+use crate::limits::PeerSlot;
 use crate::service::Service;
 use crate::snapshot::SnapshotData;
 use crate::tls;
@@ -47,14 +49,21 @@ struct Conn<IO> {
     io: IO,
     info: ConnInfo,
     killed: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// Counts this connection against its node's limit while it lives.
+    _slot: Option<PeerSlot>,
 }
 
 impl<IO> Conn<IO> {
-    fn new(io: IO, info: ConnInfo, mut kill: watch::Receiver<bool>) -> Self {
+    fn new(io: IO, info: ConnInfo, mut kill: watch::Receiver<bool>, slot: Option<PeerSlot>) -> Self {
         let killed = Box::pin(async move {
             let _ = kill.wait_for(|k| *k).await;
         });
-        Conn { io, info, killed }
+        Conn {
+            io,
+            info,
+            killed,
+            _slot: slot,
+        }
     }
 
     /// `Err` once the kill switch has flipped; registers the waker otherwise.
@@ -120,11 +129,15 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
 type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
 
 /// Accepts TCP connections and completes each TLS handshake in its own task (bounded by
-/// `timeout`), so a slow or hostile client never holds up the others.
+/// `timeout`), so a slow or hostile client never holds up the others. At most
+/// `max_concurrent_handshakes` run at once: a connection arriving while all are busy is
+/// closed at once. A node over `max_connections_per_peer` has its new connection closed
+/// after the handshake.
 fn accept_tls(
     listener: TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
     timeout: Duration,
+    admission: Arc<Admission>,
     kill: watch::Receiver<bool>,
 ) -> (ReceiverStream<io::Result<Conn<TlsStream>>>, AbortOnDrop) {
     let (tx, rx) = mpsc::channel(64);
@@ -141,11 +154,19 @@ fn accept_tls(
                 }
             };
             while handshakes.try_join_next().is_some() {}
-            let (acceptor, tx, kill) = (acceptor.clone(), tx.clone(), kill.clone());
+            let Some(permit) = admission.handshake(addr) else {
+                // Dropping the socket closes it: nothing is held for this peer.
+                drop(tcp);
+                continue;
+            };
+            let (acceptor, tx, kill, admission) =
+                (acceptor.clone(), tx.clone(), kill.clone(), admission.clone());
             // Handshakes are tasks of this loop: stopping the loop stops them too.
             handshakes.spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+                drop(permit);
+                let stream = match handshake {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => return tracing::warn!(%addr, "TLS handshake refused: {e}"),
                     Err(_) => return tracing::warn!(%addr, "TLS handshake timed out after {timeout:?}"),
@@ -154,12 +175,16 @@ fn accept_tls(
                     // The verifier already refuses certificates without a node id.
                     return tracing::warn!(%addr, "TLS peer has no node identity; closing");
                 };
+                // Logged by `admit`; dropping the stream closes the connection.
+                let Some(slot) = admission.admit(node_id, addr) else {
+                    return;
+                };
                 tracing::debug!(%addr, node_id, "TLS connection accepted");
                 let info = ConnInfo {
                     node_id: Some(node_id),
                     addr,
                 };
-                let _ = tx.send(Ok(Conn::new(stream, info, kill))).await;
+                let _ = tx.send(Ok(Conn::new(stream, info, kill, Some(slot)))).await;
             });
         }
     });
@@ -191,13 +216,19 @@ where
     let service = RaftServer::new(super::RaftService::new(service))
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
+    let control_limit = config.max_control_message_size;
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        // tonic's own default (none) would override hyper's and leave streams unbounded.
+        .max_concurrent_streams(Some(config.max_concurrent_streams))
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .layer(tower::util::MapResponseLayer::new(super::remap_oversize))
+        .layer(tower::util::MapRequestLayer::new(move |req| {
+            super::limit::limit_control(req, control_limit)
+        }))
         .add_service(service);
     let (kill_tx, kill) = watch::channel(false);
     let mut stop = shutdown.clone();
@@ -212,7 +243,7 @@ where
                 conn.map(|tcp| {
                     let _ = tcp.set_nodelay(true);
                     let addr = tcp.peer_addr().unwrap_or_else(|_| ([0, 0, 0, 0], 0).into());
-                    Conn::new(tcp, ConnInfo { node_id: None, addr }, kill.clone())
+                    Conn::new(tcp, ConnInfo { node_id: None, addr }, kill.clone(), None)
                 })
             });
             (router.serve_with_incoming_shutdown(incoming, stop).boxed(), None)
@@ -222,7 +253,9 @@ where
                 .server_config(b"h2")
                 .map_err(|e| ServerError::Serve(e.to_string()))?;
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
-            let (incoming, accepting) = accept_tls(listener, acceptor, config.connect_timeout, kill);
+            let admission = Admission::new(&config);
+            let (incoming, accepting) =
+                accept_tls(listener, acceptor, config.connect_timeout, admission, kill);
             (
                 router.serve_with_incoming_shutdown(incoming, stop).boxed(),
                 Some(accepting),

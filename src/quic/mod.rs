@@ -190,6 +190,13 @@ impl FrameReader {
         }
     }
 
+    /// Also refuses control requests longer than `max` from their frame header (see
+    /// [`FrameDecoder::with_control_limit`]).
+    pub(crate) fn with_control_limit(mut self, max: usize) -> Self {
+        self.decoder = std::mem::replace(&mut self.decoder, FrameDecoder::new(0)).with_control_limit(max);
+        self
+    }
+
     /// Tells the peer to stop sending on this stream, with `code`.
     pub(crate) fn stop(&mut self, c: ErrorCode) {
         let _ = self.recv.stop(code(c));

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use openraft::storage::RaftStateMachine;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -18,6 +19,7 @@ use crate::codec::ErrorCode;
 use crate::codec::Message;
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::limits::Admission;
 use crate::service::Caller;
 use crate::service::Refusal;
 use crate::service::RefusalKind;
@@ -34,6 +36,9 @@ const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 struct Ctx<C: RaftWireConfig, SM: RaftStateMachine<C>> {
     service: Arc<Service<C, SM>>,
     max_len: usize,
+    max_control: usize,
+    admission: Arc<Admission>,
+    handshake_timeout: Duration,
 }
 
 /// The wire code of a refusal.
@@ -79,7 +84,12 @@ where
     let crypto = tls.server_config(super::ALPN).map_err(|e| serve_err(&e))?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| serve_err(&e))?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server_config.transport_config(Arc::new(super::transport_config(&config.quic)));
+    let mut transport = super::transport_config(&config.quic);
+    let streams = config
+        .max_concurrent_streams
+        .min(config.quic.max_concurrent_streams);
+    transport.max_concurrent_bidi_streams(quinn::VarInt::from_u32(streams));
+    server_config.transport_config(Arc::new(transport));
     let runtime = quinn::default_runtime().ok_or_else(|| serve_err(&"no async runtime"))?;
     let endpoint = quinn::Endpoint::new(
         super::endpoint_config(Some(tls)),
@@ -91,6 +101,9 @@ where
     let ctx = Arc::new(Ctx {
         service,
         max_len: super::max_frame(&config),
+        max_control: config.max_control_message_size,
+        admission: Admission::new(&config),
+        handshake_timeout: config.connect_timeout,
     });
     let mut connections = JoinSet::new();
     let mut stopping = shutdown.clone();
@@ -99,8 +112,19 @@ where
             _ = stopping.wait_for(|stop| *stop) => break,
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                let stop = shutdown.clone();
-                connections.spawn(connection(incoming, ctx.clone(), config.connect_timeout, stop));
+                match ctx.admission.handshake(incoming.remote_address()) {
+                    Some(slot) => {
+                        let stop = shutdown.clone();
+                        connections.spawn(connection(incoming, slot, ctx.clone(), stop));
+                    }
+                    // Every handshake slot is busy. A Retry costs no state: a real client
+                    // answers it (and comes back validated), a spoofed or abandoned one never
+                    // does. An address already validated is refused outright.
+                    None if !incoming.remote_address_validated() => {
+                        let _ = incoming.retry();
+                    }
+                    None => incoming.refuse(),
+                }
             }
         }
         while connections.try_join_next().is_some() {}
@@ -128,8 +152,8 @@ where
 
 async fn connection<C, SM>(
     incoming: quinn::Incoming,
+    handshake_slot: OwnedSemaphorePermit,
     ctx: Arc<Ctx<C, SM>>,
-    handshake_timeout: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) where
     C: RaftWireConfig,
@@ -137,7 +161,10 @@ async fn connection<C, SM>(
     SM::SnapshotData: SnapshotData,
 {
     let addr = incoming.remote_address();
-    let conn = match tokio::time::timeout(handshake_timeout, incoming).await {
+    let handshake_timeout = ctx.handshake_timeout;
+    let handshake = tokio::time::timeout(handshake_timeout, incoming).await;
+    drop(handshake_slot);
+    let conn = match handshake {
         Ok(Ok(conn)) => conn,
         // A client that gave up (shutting down, timed out) is no refusal worth a warning.
         Ok(Err(e @ quinn::ConnectionError::ApplicationClosed(_))) => {
@@ -155,6 +182,14 @@ async fn connection<C, SM>(
         conn.close(super::code(super::REFUSED), super::REFUSED_REASON);
         return tracing::warn!(%addr, "QUIC peer has no node identity; closed");
     };
+    // Held while the connection lives; `admit` logs a refusal.
+    let Some(_peer_slot) = ctx.admission.admit(node_id, addr) else {
+        conn.close(
+            quinn::VarInt::from_u32(ErrorCode::Refused as u32),
+            b"too many connections from this node",
+        );
+        return;
+    };
     let caller = Caller {
         node_id: Some(node_id),
         addr,
@@ -170,7 +205,7 @@ async fn connection<C, SM>(
                 Ok((send, recv)) => {
                     streams.spawn(stream(
                         Outgoing::new(send),
-                        FrameReader::new(recv, ctx.max_len),
+                        FrameReader::new(recv, ctx.max_len).with_control_limit(ctx.max_control),
                         ctx.clone(),
                         caller,
                     ));
@@ -206,6 +241,10 @@ where
             return;
         }
         Ok(Err(e)) => {
+            // A bad or oversized first frame: the peer need not send the rest of it.
+            if let ReadError::Frame(f) = &e {
+                reader.stop(f.error_code());
+            }
             let r = read_refusal(e);
             Err(refuse(&caller, "QUIC", r.kind, r.message))
         }
