@@ -147,6 +147,14 @@ impl Config {
         self.max_message_size
     }
 
+    /// The in-flight window of one replication stream.
+    pub(crate) fn window(&self) -> crate::pipeline::Window {
+        crate::pipeline::Window {
+            requests: self.max_in_flight_requests,
+            bytes: self.max_in_flight_bytes,
+        }
+    }
+
     /// The deadline for one RPC: openraft's `soft_ttl`, capped by `rpc_timeout` if set.
     pub(crate) fn deadline(&self, soft_ttl: Duration) -> Duration {
         match self.rpc_timeout {

@@ -26,6 +26,7 @@ use openraft::raft::VoteResponse;
 use tokio::io::AsyncSeekExt;
 
 use crate::config::Config;
+use crate::connect::Dialer;
 use crate::error::TransportError;
 use crate::snapshot::Digest;
 use crate::snapshot::SnapshotData;
@@ -45,6 +46,18 @@ pub(crate) enum Purpose {
 
 /// The replies of one pipelined replication session.
 pub(crate) type Replies<'s, C> = BoxStream<'s, Result<StreamAppendResult<C>, TransportError>>;
+
+/// A replication session's replies, each also told to the connection's dialer (timeouts in
+/// a row evict a connection that went silent).
+pub(crate) fn observed<'s, C, S, T>(session: S, dialer: &'s Dialer<T>) -> Replies<'s, C>
+where
+    C: RaftWireConfig,
+    S: futures::Stream<Item = Result<StreamAppendResult<C>, TransportError>> + Send + 's,
+    T: Clone + Send + Sync + 'static,
+{
+    use futures::StreamExt;
+    Box::pin(session.inspect(move |r| dialer.observe(r)))
+}
 
 /// A transport's client side, made once per factory.
 pub(crate) trait Connector<C: RaftWireConfig>: Send + Sync + 'static {

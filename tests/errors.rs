@@ -423,7 +423,7 @@ mod grpc {
                 crc32c,
             }))
         };
-        let crc = crc32c(&data);
+        let crc = crate::common::crc32c(&data);
         let len = data.len() as u64;
         let mut flipped = data.clone();
         flipped[4] ^= 0x20;
@@ -495,21 +495,5 @@ mod grpc {
             .await;
         assert!(ok.is_ok(), "the node's Raft is alive: {ok:?}");
         node.stop().await.unwrap();
-    }
-
-    /// CRC32C (Castagnoli), bit by bit: an independent check of the receiver's arithmetic.
-    fn crc32c(data: &[u8]) -> u32 {
-        let mut crc = !0u32;
-        for &b in data {
-            crc ^= u32::from(b);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0x82F6_3B78
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
     }
 }

@@ -566,21 +566,7 @@ async fn snapshots_that_do_not_match_their_trailer_are_refused() {
     const KIND_SNAPSHOT_END: u8 = 13;
     let mut arena = Arena::new().await;
     let data = b"0123456789abcdef".repeat(100);
-    // CRC32C of `data`, from the reference bitwise definition.
-    let crc = {
-        let mut c = !0u32;
-        for &b in &data {
-            c ^= u32::from(b);
-            for _ in 0..8 {
-                c = if c & 1 == 1 {
-                    (c >> 1) ^ 0x82F6_3B78
-                } else {
-                    c >> 1
-                };
-            }
-        }
-        !c
-    };
+    let crc = common::crc32c(&data);
     let meta = frame(KIND_SNAPSHOT_META, 0, &snapshot_meta_body(7));
     let chunk = |d: &[u8]| frame(KIND_SNAPSHOT_CHUNK, 1, d);
     let mut flipped = data.clone();

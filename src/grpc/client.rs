@@ -319,24 +319,19 @@ impl<C: RaftWireConfig> Link<C> for Lane {
                     .left_stream(),
                 Err(status) => futures::stream::iter([Err(self.failed(rpc, status))]).right_stream(),
             });
-            let window = pipeline::Window {
-                requests: config.max_in_flight_requests,
-                bytes: config.max_in_flight_bytes,
-            };
             let sink = ChannelSink {
                 tx: Some(tx),
                 max: self.max_message_size,
             };
-            let replies = pipeline::run(
+            let session = pipeline::run(
                 input,
                 sink,
                 Box::pin(replies),
-                window,
+                config.window(),
                 deadline,
                 self.stats.clone(),
             );
-            let replies: Replies<'s, C> = Box::pin(replies.inspect(|r| self.dialer.observe(r)));
-            Ok(replies)
+            Ok(link::observed(session, &self.dialer))
         })
     }
 

@@ -6,7 +6,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use openraft::alias::SnapshotMetaOf;
@@ -317,26 +316,21 @@ impl<C: RaftWireConfig> Link<C> for Lane {
                 };
                 Some((item, (reader, id + 1)))
             });
-            let window = pipeline::Window {
-                requests: config.max_in_flight_requests,
-                bytes: config.max_in_flight_bytes,
-            };
             let sink = StreamSink {
                 addr,
                 send,
                 next_id: 0,
                 max_len: self.shared.max_len,
             };
-            let replies = pipeline::run(
+            let session = pipeline::run(
                 input,
                 sink,
                 Box::pin(replies),
-                window,
+                config.window(),
                 deadline,
                 self.shared.stats.clone(),
             );
-            let replies: Replies<'s, C> = Box::pin(replies.inspect(|r| self.dialer.observe(r)));
-            Ok(replies)
+            Ok(link::observed(session, &self.dialer))
         })
     }
 

@@ -160,3 +160,20 @@ macro_rules! on_every_transport {
         }
     };
 }
+
+/// CRC32C (Castagnoli) computed bit by bit from its definition: an independent check of the
+/// library's arithmetic for tests that build snapshot trailers by hand.
+pub fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
