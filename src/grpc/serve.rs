@@ -139,12 +139,17 @@ fn accept_tls(
     timeout: Duration,
     admission: Arc<Admission>,
     kill: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) -> (ReceiverStream<io::Result<Conn<TlsStream>>>, AbortOnDrop) {
     let (tx, rx) = mpsc::channel(64);
     let task = tokio::spawn(async move {
         let mut handshakes = JoinSet::new();
         loop {
-            let (tcp, addr) = match listener.accept().await {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.wait_for(|s| *s) => break,
+            };
+            let (tcp, addr) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -187,12 +192,22 @@ fn accept_tls(
                 let _ = tx.send(Ok(Conn::new(stream, info, kill, Some(slot)))).await;
             });
         }
+        // Shutting down: no new connection is taken, and none is left half made.
+        drop(listener);
+        handshakes.shutdown().await;
     });
     (ReceiverStream::new(rx), AbortOnDrop(task))
 }
 
 /// Stops the accept loop (and so releases the listening port) however `serve` ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    /// Waits for the loop to end by itself (it does once shutdown is signalled).
+    async fn finished(&mut self) {
+        let _ = (&mut self.0).await;
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
@@ -235,7 +250,7 @@ where
     let stop = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    let (serving, _accepting) = match &config.tls {
+    let (serving, mut accepting) = match &config.tls {
         None => {
             // Accepted sockets do not inherit the builder's nodelay: without it, small replies
             // wait on Nagle's algorithm and the peer's delayed ACK.
@@ -254,8 +269,14 @@ where
                 .map_err(|e| ServerError::Serve(e.to_string()))?;
             let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
             let admission = Admission::new(&config);
-            let (incoming, accepting) =
-                accept_tls(listener, acceptor, config.connect_timeout, admission, kill);
+            let (incoming, accepting) = accept_tls(
+                listener,
+                acceptor,
+                config.connect_timeout,
+                admission,
+                kill,
+                shutdown.clone(),
+            );
             (
                 router.serve_with_incoming_shutdown(incoming, stop).boxed(),
                 Some(accepting),
@@ -267,6 +288,9 @@ where
     tokio::select! {
         result = &mut serving => return result.map_err(|e| ServerError::Serve(e.to_string())),
         _ = shutdown.wait_for(|s| *s) => {}
+    }
+    if let Some(accepting) = accepting.as_mut() {
+        accepting.finished().await;
     }
     // tonic has stopped accepting and asked every connection to close (GOAWAY); calls in
     // flight get the grace period, then every connection is cut.
