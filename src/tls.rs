@@ -54,8 +54,17 @@ pub(crate) fn node_ids(cert: &CertificateDer<'_>) -> Vec<u64> {
         .collect()
 }
 
+/// The node id `dns` names, if it is exactly [`node_dns_name`] of one. Only that canonical form
+/// counts: `u64::from_str` also takes a `+` sign and leading zeros, which would let
+/// `node-01.raftwire` pass as node 1 here while webpki (the client side) matches names
+/// literally and refuses it.
 pub(crate) fn parse_node_dns_name(dns: &str) -> Option<u64> {
-    dns.strip_prefix("node-")?.strip_suffix(".raftwire")?.parse().ok()
+    let id = dns
+        .strip_prefix("node-")?
+        .strip_suffix(".raftwire")?
+        .parse()
+        .ok()?;
+    (node_dns_name(id) == dns).then_some(id)
 }
 
 /// Why TLS material could not be loaded or used.
@@ -452,4 +461,28 @@ pub(crate) fn peer_node_id(certs: Option<&[CertificateDer<'_>]>) -> Option<u64> 
     certs
         .and_then(|c| c.first())
         .and_then(|c| node_ids(c).first().copied())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the `certificates` fuzz target: `node-0000000000000000000000.raftwire` was taken
+    /// for node 0, as were `node-+1.raftwire` for node 1 and the like.
+    #[test]
+    fn only_canonical_node_names_carry_an_id() {
+        assert_eq!(parse_node_dns_name("node-1.raftwire"), Some(1));
+        assert_eq!(parse_node_dns_name("node-0.raftwire"), Some(0));
+        assert_eq!(parse_node_dns_name(&node_dns_name(u64::MAX)), Some(u64::MAX));
+        for name in [
+            "node-0000000000000000000000.raftwire",
+            "node-01.raftwire",
+            "node-+1.raftwire",
+            "node-.raftwire",
+            "node-1.raftwire.",
+            "node-18446744073709551616.raftwire",
+        ] {
+            assert_eq!(parse_node_dns_name(name), None, "{name}");
+        }
+    }
 }
