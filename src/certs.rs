@@ -262,7 +262,8 @@ pub struct CertificateInfo {
     pub subject: String,
     /// Issuer distinguished name.
     pub issuer: String,
-    /// The node id (from the `node-<id>.raftwire` SAN), if any.
+    /// The node id (from the `node-<id>.raftwire` SAN), if the certificate names exactly one
+    /// node and no wildcard: only then is it usable as a node certificate.
     pub node_id: Option<u64>,
     /// Subject alternative names (DNS names and IP addresses).
     pub sans: Vec<String>,
@@ -280,12 +281,12 @@ pub fn inspect(pem: &str) -> Result<CertificateInfo, CertError> {
         x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| CertError::Parse(e.to_string()))?;
     let cert = pem.parse_x509().map_err(|e| CertError::Parse(e.to_string()))?;
     let mut sans = Vec::new();
-    let mut node_id = None;
+    let node_id =
+        crate::tls::node_names(&rustls::pki_types::CertificateDer::from(pem.contents.as_slice())).exact();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
             match name {
                 x509_parser::extensions::GeneralName::DNSName(dns) => {
-                    node_id = node_id.or_else(|| crate::tls::parse_node_dns_name(dns));
                     sans.push(format!("DNS:{dns}"));
                 }
                 x509_parser::extensions::GeneralName::IPAddress(ip) => {

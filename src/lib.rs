@@ -84,6 +84,11 @@ mod grpc;
 #[cfg(feature = "quic")]
 mod quic;
 
+/// Entry points for the cargo-fuzz targets in `fuzz/`; not a stable API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+
 pub mod bench;
 pub mod demo;
 pub mod kv;

@@ -615,4 +615,23 @@ mod tests {
             "{told}"
         );
     }
+
+    /// Found by the `certificates` fuzz target: `node-0000000000000000000000.raftwire` was taken
+    /// for node 0, as were `node-+1.raftwire` for node 1 and the like.
+    #[test]
+    fn only_canonical_node_names_carry_an_id() {
+        assert_eq!(parse_node_dns_name("node-1.raftwire"), Some(1));
+        assert_eq!(parse_node_dns_name("node-0.raftwire"), Some(0));
+        assert_eq!(parse_node_dns_name(&node_dns_name(u64::MAX)), Some(u64::MAX));
+        for name in [
+            "node-0000000000000000000000.raftwire",
+            "node-01.raftwire",
+            "node-+1.raftwire",
+            "node-.raftwire",
+            "node-1.raftwire.",
+            "node-18446744073709551616.raftwire",
+        ] {
+            assert_eq!(parse_node_dns_name(name), None, "{name}");
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! gRPC transport (tonic + prost over HTTP/2).
 
 mod client;
-mod convert;
+pub(crate) mod convert;
 mod limit;
 mod serve;
 mod server;
