@@ -66,20 +66,7 @@ struct Stalled {
 /// A raw QUIC peer that accepts streams and never reads them.
 #[cfg(feature = "quic")]
 async fn quic_follower(net: &Net) -> Stalled {
-    let cert = net.ca.issue(1, &[], raftwire::Validity::default()).unwrap();
-    let chain = rustls::pki_types::pem::PemObject::pem_slice_iter(cert.cert_pem.as_bytes())
-        .collect::<Result<Vec<rustls::pki_types::CertificateDer<'static>>, _>>()
-        .unwrap();
-    let key: rustls::pki_types::PrivateKeyDer<'static> =
-        rustls::pki_types::pem::PemObject::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    crypto.alpn_protocols = vec![b"raftwire/1".to_vec()];
+    let crypto = common::raw_server_crypto(&net.ca, 1, b"raftwire/1");
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).unwrap();
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = quinn::TransportConfig::default();

@@ -23,12 +23,8 @@ use common::Cluster;
 use common::Net;
 use common::loopback;
 use raftwire::Transport;
-use raftwire::Validity;
 use raftwire::demo;
 use raftwire::kv::KvNode;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::PrivateKeyDer;
-use rustls::pki_types::pem::PemObject;
 
 /// The tests of this file measure memory and sockets of the whole process: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -159,24 +155,7 @@ async fn stop_all(leader: Arc<KvNode>, mut others: Vec<KvNode>) {
 
 /// The rustls client config of a raw peer holding node 9's certificate from the cluster CA.
 fn node9_crypto(net: &Net, alpn: &[u8]) -> rustls::ClientConfig {
-    let cert = net.ca.issue(9, &[], Validity::default()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(net.ca.cert_pem().as_bytes()) {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    crypto.alpn_protocols = vec![alpn.to_vec()];
-    crypto
+    common::raw_client_crypto(&net.ca, 9, alpn)
 }
 
 /// A raw QUIC connection to `addr` (node `node`) as node 9.

@@ -21,14 +21,10 @@ use openraft::network::RaftNetworkV2;
 use openraft::raft::VoteRequest;
 use quinn::VarInt;
 use raftwire::Transport;
-use raftwire::Validity;
 use raftwire::demo;
 use raftwire::kv::KvConfig;
 use raftwire::kv::KvNode;
 use raftwire::kv::KvSnapshotData;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::PrivateKeyDer;
-use rustls::pki_types::pem::PemObject;
 
 const HEADER_LEN: usize = 18;
 const KIND_VOTE: u8 = 1;
@@ -135,24 +131,7 @@ fn error_frame(bytes: &[u8]) -> (u16, String) {
 
 /// The rustls client config of a raw peer: node 9's certificate from the cluster CA.
 fn hostile_crypto(net: &Net) -> rustls::ClientConfig {
-    let cert = net.ca.issue(9, &[], Validity::default()).unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    for ca in CertificateDer::pem_slice_iter(net.ca.cert_pem().as_bytes()) {
-        roots.add(ca.unwrap()).unwrap();
-    }
-    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut crypto = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .unwrap();
-    crypto.alpn_protocols = vec![b"raftwire/1".to_vec()];
-    crypto
+    common::raw_client_crypto(&net.ca, 9, b"raftwire/1")
 }
 
 /// A node under attack, the attacker's connection and a well-behaved peer.
@@ -629,19 +608,7 @@ async fn raw_server(
     net: &Net,
     answer: fn(u64) -> Vec<u8>,
 ) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let cert = net.ca.issue(1, &[], Validity::default()).unwrap();
-    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut crypto = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-    crypto.alpn_protocols = vec![b"raftwire/1".to_vec()];
+    let crypto = common::raw_server_crypto(&net.ca, 1, b"raftwire/1");
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).unwrap();
     let endpoint =
         quinn::Endpoint::server(quinn::ServerConfig::with_crypto(Arc::new(crypto)), loopback()).unwrap();

@@ -177,3 +177,58 @@ pub fn crc32c(data: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// The rustls client config of a raw peer holding node `id`'s certificate from `ca`
+/// (TLS 1.3, one ALPN protocol): for tests that speak the wire protocol by hand.
+pub fn raw_client_crypto(ca: &CertificateAuthority, id: u64, alpn: &[u8]) -> rustls::ClientConfig {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca.cert_pem().as_bytes()) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let (chain, key) = raw_identity(ca, id);
+    let mut crypto = rustls::ClientConfig::builder_with_provider(raw_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    crypto.alpn_protocols = vec![alpn.to_vec()];
+    crypto
+}
+
+/// The rustls server config of a raw peer holding node `id`'s certificate from `ca`, asking
+/// no client certificate.
+pub fn raw_server_crypto(ca: &CertificateAuthority, id: u64, alpn: &[u8]) -> rustls::ServerConfig {
+    let (chain, key) = raw_identity(ca, id);
+    let mut crypto = rustls::ServerConfig::builder_with_provider(raw_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    crypto.alpn_protocols = vec![alpn.to_vec()];
+    crypto
+}
+
+type RawIdentity = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+fn raw_identity(ca: &CertificateAuthority, id: u64) -> RawIdentity {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::PrivateKeyDer;
+    use rustls::pki_types::pem::PemObject;
+    let cert = ca.issue(id, &[], raftwire::Validity::default()).unwrap();
+    let chain = CertificateDer::pem_slice_iter(cert.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap();
+    (chain, key)
+}
+
+fn raw_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
