@@ -432,9 +432,19 @@ impl<C: RaftWireConfig> SnapshotUpload<C> for Upload<'_> {
 
 impl Drop for Upload<'_> {
     fn drop(&mut self) {
-        // Unfinished: the call is dropped (its stream reset) before the request stream can
-        // end; a receiver that sees an end anyway finds no trailer and installs nothing.
+        // Unfinished: the call is dropped, and hyper resets the HTTP/2 stream (RST_STREAM
+        // CANCEL) of a request whose response future is gone, unless the request body ended
+        // first; so the body stays open until hyper lets go of it. (hyper's server reports a
+        // CANCEL reset to the handler as the end of the body: the missing trailer is what
+        // tells the receiver the transfer is unfinished, and it installs nothing.)
         self.call.abort();
+        if let Some(tx) = self.tx.take() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(10), tx.closed()).await;
+                });
+            }
+        }
     }
 }
 
