@@ -55,6 +55,9 @@ pub(crate) enum RefusalKind {
     Timeout,
     /// The server failed on its own (storage, encoding its reply).
     Internal,
+    /// The stream or connection broke under a session already under way (the peer abandoned
+    /// it, reset it, or went away): no misbehaviour, and nobody left to answer.
+    Broken,
 }
 
 /// Why the server did not serve a request: sent to the caller, and logged once here.
@@ -103,8 +106,9 @@ impl Caller {
             .node_id
             .map_or_else(|| "unauthenticated".to_string(), |n| n.to_string());
         match r.kind {
-            // The local Raft said no (it is stopping, say): the caller did nothing wrong.
-            RefusalKind::Unavailable => {
+            // The local Raft said no (it is stopping, say), or a session ended with its
+            // stream: the caller did nothing wrong.
+            RefusalKind::Unavailable | RefusalKind::Broken => {
                 tracing::info!(rpc, node = %node, addr = %self.addr, "not served: {}", r.message)
             }
             _ => {

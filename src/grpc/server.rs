@@ -57,6 +57,7 @@ fn status(r: Refusal) -> Status {
         RefusalKind::Unavailable => Code::Unavailable,
         RefusalKind::Timeout => Code::DeadlineExceeded,
         RefusalKind::Internal => Code::Internal,
+        RefusalKind::Broken => Code::Cancelled,
     };
     marked(Status::new(code, r.message))
 }
@@ -199,7 +200,7 @@ where
             Err(status) => {
                 tracing::debug!("StreamAppend: request stream ended with {status}");
                 Err(Refusal::new(
-                    RefusalKind::BadRequest,
+                    RefusalKind::Broken,
                     format!("request stream broke: {}", status.message()),
                 ))
             }
@@ -261,7 +262,7 @@ where
                     format!("chunk[{index}]: {}", s.message()),
                 )),
                 Err(s) => Err(Refusal::new(
-                    RefusalKind::BadRequest,
+                    RefusalKind::Broken,
                     format!("the snapshot stream broke at chunk[{index}]: {}", s.message()),
                 )),
             }

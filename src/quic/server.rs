@@ -51,6 +51,16 @@ fn error_code(kind: RefusalKind) -> ErrorCode {
         RefusalKind::Unavailable => ErrorCode::Refused,
         RefusalKind::Timeout => ErrorCode::Timeout,
         RefusalKind::Internal => ErrorCode::Internal,
+        RefusalKind::Broken => ErrorCode::Aborted,
+    }
+}
+
+/// A read error under a session already under way: a stream the peer reset or a connection
+/// that went away is the session ending, not a bad request.
+fn session_read_refusal(e: ReadError) -> Refusal {
+    match e {
+        ReadError::Stream(io) => Refusal::new(RefusalKind::Broken, format!("stream failed: {io}")),
+        other => read_refusal(other),
     }
 }
 
@@ -295,7 +305,7 @@ where
                             format!("{:?} inside a snapshot", other.kind()),
                         ))
                     }
-                    Err(e) => Err(read_refusal(e)),
+                    Err(e) => Err(session_read_refusal(e)),
                 };
                 // After an error nothing more is read from the stream.
                 let go_on = part.is_ok();
@@ -358,7 +368,7 @@ where
                     if let ReadError::Frame(_) = e {
                         reader.stop(ErrorCode::BadRequest);
                     }
-                    Err(read_refusal(e))
+                    Err(session_read_refusal(e))
                 }
             };
             let go_on = item.is_ok();
