@@ -268,7 +268,7 @@ async fn heartbeats_flow_while_snapshot_streams(transport: Transport) {
     let leader = c.await_leader(1, Some(3)).await;
     let term = c.node(leader).metrics().current_term;
     let mut acks = BTreeSet::new();
-    for _ in 0..15 {
+    for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let m = c.node(leader).metrics();
         if let Some(Some(at)) = m.heartbeat.as_ref().and_then(|h| h.get(&3).cloned()) {
