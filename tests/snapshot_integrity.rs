@@ -282,69 +282,62 @@ fn never() -> impl Future<Output = ReplicationClosed> + Send + 'static {
     std::future::pending()
 }
 
+/// The sender's data fails or hangs three chunks in, once the follower is receiving.
+const FAIL: Fault = Fault::Fail {
+    after: 3 * CHUNK as u64,
+};
+const STALL: Fault = Fault::Stall {
+    after: 3 * CHUNK as u64,
+};
+
+impl Bed {
+    /// A transfer to `to` that must fail: nothing is installed, the sink hears of it.
+    async fn failed(
+        &mut self,
+        what: &str,
+        to: BasicNode,
+        fault: Fault,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+    ) -> StreamingError<KvConfig> {
+        let err = self.send(to, fault, cancel).await.unwrap_err();
+        self.assert_nothing_installed(what).await;
+        err
+    }
+}
+
 async fn sender_read_error_installs_nothing(transport: Transport) {
     let mut bed = Bed::new(transport).await;
-    let to = bed.follower.node();
-    let err = bed
-        .send(
-            to,
-            Fault::Fail {
-                after: 3 * CHUNK as u64,
-            },
-            never(),
-        )
-        .await
-        .unwrap_err();
+    let err = bed.failed("read error", bed.follower.node(), FAIL, never()).await;
     assert!(err.to_string().contains("injected"), "{err}");
-    bed.assert_nothing_installed("read error").await;
     bed.assert_next_attempt_succeeds("read error").await;
     bed.stop().await;
 }
 
 async fn cancel_mid_snapshot_installs_nothing(transport: Transport) {
     let mut bed = Bed::new(transport).await;
-    let to = bed.follower.node();
     let cancel = async {
         tokio::time::sleep(Duration::from_millis(200)).await;
         ReplicationClosed::new("test cancels the transfer")
     };
-    let err = bed
-        .send(
-            to,
-            Fault::Stall {
-                after: 3 * CHUNK as u64,
-            },
-            cancel,
-        )
-        .await
-        .unwrap_err();
+    let err = bed.failed("cancel", bed.follower.node(), STALL, cancel).await;
     assert!(matches!(err, StreamingError::Closed(_)), "{err}");
-    bed.assert_nothing_installed("cancel").await;
     bed.assert_next_attempt_succeeds("cancel").await;
     bed.stop().await;
 }
 
 async fn sender_idle_timeout_installs_nothing(transport: Transport) {
     let mut bed = Bed::new(transport).await;
-    let to = bed.follower.node();
     let started = std::time::Instant::now();
     let err = bed
-        .send(
-            to,
-            Fault::Stall {
-                after: 3 * CHUNK as u64,
-            },
-            never(),
-        )
-        .await
-        .unwrap_err();
+        .failed("idle timeout", bed.follower.node(), STALL, never())
+        .await;
     assert!(matches!(err, StreamingError::Timeout(_)), "{err}");
+    // The sender's progress deadline is 600 ms; the follower's abort may take as long again.
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "{:?}",
         started.elapsed()
     );
-    bed.assert_nothing_installed("idle timeout").await;
     bed.assert_next_attempt_succeeds("idle timeout").await;
     bed.stop().await;
 }
@@ -371,21 +364,11 @@ async fn connection_killed_mid_snapshot_installs_nothing(transport: Transport) {
         cutter.cut();
     });
     // The sender stalls after a few chunks so the transfer is surely unfinished at the cut.
-    let err = bed
-        .send(
-            to,
-            Fault::Stall {
-                after: 3 * CHUNK as u64,
-            },
-            never(),
-        )
-        .await
-        .unwrap_err();
+    let err = bed.failed("connection killed", to, STALL, never()).await;
     assert!(
         matches!(err, StreamingError::Timeout(_) | StreamingError::Network(_)),
         "{err}"
     );
-    bed.assert_nothing_installed("connection killed").await;
     drop(relay);
     bed.assert_next_attempt_succeeds("connection killed").await;
     bed.stop().await;
