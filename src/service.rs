@@ -301,7 +301,7 @@ where
             }
             Err(refusal) => {
                 caller.log(rpc, &refusal);
-                receiving.abort().await;
+                receiving.abort(&refusal.to_string()).await;
                 Err(refusal)
             }
         }

@@ -45,8 +45,10 @@ pub trait SnapshotSink<SD>: Send + Sync + 'static {
 
     /// Called with the data of a transfer that will not be installed: the sender failed, was
     /// cancelled or timed out, the connection broke, or the data did not match its declared
-    /// length or checksum. The default drops `data`.
-    fn abort(&self, data: SD) -> AbortFuture {
+    /// length or checksum. `reason` says which, in words (the same words the server logs).
+    /// The default drops `data`.
+    fn abort(&self, data: SD, reason: &str) -> AbortFuture {
+        let _ = reason;
         drop(data);
         Box::pin(async {})
     }
@@ -162,10 +164,10 @@ impl<SD: SnapshotData> Receiving<SD> {
             .ok_or_else(|| io::Error::other("snapshot data already handed over"))
     }
 
-    /// Tells the sink the transfer failed and waits for it to clean up.
-    pub(crate) async fn abort(mut self) {
+    /// Tells the sink the transfer failed (and why) and waits for it to clean up.
+    pub(crate) async fn abort(mut self, reason: &str) {
         if let Some(data) = self.data.take() {
-            self.sink.abort(data).await;
+            self.sink.abort(data, reason).await;
         }
     }
 }
@@ -175,7 +177,10 @@ impl<SD: SnapshotData> Drop for Receiving<SD> {
         // Reached when the handler itself is dropped (connection gone, server shut down):
         // the sink still hears of it, in the background.
         if let Some(data) = self.data.take() {
-            let abort = self.sink.abort(data);
+            let abort = self.sink.abort(
+                data,
+                "the transfer was dropped unfinished (its connection or the server shut down)",
+            );
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(abort);
             }

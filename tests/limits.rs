@@ -1,6 +1,7 @@
 //! Nothing a peer does makes a node hold more than its configured limits: half-open
 //! handshakes, stream floods, oversized control messages and departed peers are each driven
-//! past a (deliberately small) limit while a cluster keeps committing.
+//! past a (deliberately small) limit while a cluster keeps committing, and afterwards the
+//! process's sockets and the runtime's tasks are back to where they were before the flood.
 //!
 //! The tests of this file run one at a time (see `serial`), so the VmRSS figure each prints
 //! is its own. Figures observed on the development machine are noted next to each print.
@@ -37,6 +38,62 @@ fn vm_rss_kib() -> i64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap()
+}
+
+/// Open sockets of this process and live tasks of the test's runtime (which the servers run
+/// on): what a flood may raise for a while and must give back. (Only sockets: the next test's
+/// runtime, waiting for `SERIAL`, opens its own epoll and event descriptors meanwhile.)
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    sockets: usize,
+    tasks: usize,
+}
+
+/// What each open file descriptor of this process refers to (`socket:[inode]` and the like).
+fn fd_targets() -> Vec<String> {
+    let mut all: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .map(|t| t.display().to_string())
+        .collect();
+    all.sort();
+    all
+}
+
+impl Usage {
+    fn now() -> Usage {
+        Usage {
+            sockets: fd_targets().iter().filter(|t| t.starts_with("socket:")).count(),
+            tasks: tokio::runtime::Handle::current().metrics().num_alive_tasks(),
+        }
+    }
+
+    /// Waits (up to 5 s) until sockets and tasks are back at this baseline or below.
+    async fn assert_returned(self, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = Usage::now();
+            if now.sockets <= self.sockets && now.tasks <= self.tasks {
+                println!("{what}: sockets and tasks back to {now:?} (baseline {self:?})");
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: 5 s after the flood, {now:?}; baseline {self:?}; open: {:?}",
+                fd_targets()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Lets a freshly initialized node finish starting up (openraft spawns some of its tasks
+/// only once the node leads), so that a baseline taken next is its steady state.
+async fn settle(node: &KvNode) {
+    node.write("settled".to_string(), Bytes::from_static(b"v"))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
 }
 
 /// Rows of `/proc/self/net/{tcp,tcp6}` that are established (01) or listening (0A), as
@@ -223,6 +280,7 @@ async fn grpc_half_open_handshakes_are_bounded_and_released() {
     let writer = Writer::start(leader.clone());
     writer.assert_committing("before", Duration::from_secs(5)).await;
     let rss = vm_rss_kib();
+    let baseline = Usage::now();
 
     // The server's side of the attacker's connections, sampled as they pile in.
     let mut held = Vec::with_capacity(2000);
@@ -262,6 +320,7 @@ async fn grpc_half_open_handshakes_are_bounded_and_released() {
     );
     writer.assert_committing("after", Duration::from_secs(5)).await;
     drop(held);
+    baseline.assert_returned("grpc half-open handshakes").await;
     // Observed: VmRSS +2-4 MiB while 2,000 connections were held (mostly the client side's).
     println!(
         "grpc half-open handshakes: at most {most} attacker connections on the server's port while connecting (backlog included), {settled} after; VmRSS {rss} KiB -> {rss_during} KiB (delta {} KiB)",
@@ -340,6 +399,7 @@ async fn quic_abandoned_handshakes_are_bounded() {
     drop(client);
     // Measured from here: the capturing client's own state is gone.
     let rss = vm_rss_kib();
+    let baseline = Usage::now();
 
     // Replay them all, then never answer.
     let ghost = tokio::net::UdpSocket::bind(loopback()).await.unwrap();
@@ -395,8 +455,11 @@ async fn quic_abandoned_handshakes_are_bounded() {
     tokio::time::sleep(Duration::from_millis(1200).saturating_sub(replayed.elapsed())).await;
     let (endpoint, conn) = quic_node9(&net, addr, 2).await;
     conn.close(quinn::VarInt::from_u32(0), b"done");
-    drop(endpoint);
+    endpoint.wait_idle().await;
+    drop((endpoint, conn));
     writer.assert_committing("after", Duration::from_secs(5)).await;
+    drop(ghost);
+    baseline.assert_returned("quic abandoned handshakes").await;
     // Observed: VmRSS delta of 1-3 MiB for 500 Initials (16 handshake states, 484 Retries).
     println!(
         "quic abandoned handshakes: {} handshakes run, {} retried; VmRSS {rss} KiB -> {rss_during} KiB (delta {} KiB)",
@@ -422,7 +485,9 @@ async fn quic_stream_flood_is_capped() {
     let net = Net::with(Transport::Quic, |b| b.max_concurrent_streams(32));
     let (leader, n2, n3) = cluster(net.clone()).await;
     let writer = Writer::start(leader.clone());
+    writer.assert_committing("before", Duration::from_secs(5)).await;
     let rss = vm_rss_kib();
+    let baseline = Usage::now();
     let (endpoint, conn) = quic_node9(&net, n2.addr(), 2).await;
     let opened = Arc::new(AtomicU64::new(0));
     let (o, c) = (opened.clone(), conn.clone());
@@ -452,7 +517,8 @@ async fn quic_stream_flood_is_capped() {
     );
     flood.abort();
     conn.close(quinn::VarInt::from_u32(0), b"done");
-    drop(endpoint);
+    drop((endpoint, conn));
+    baseline.assert_returned("quic stream flood").await;
     // Observed: VmRSS delta under 1 MiB.
     println!(
         "quic stream flood: 32 of 10000 streams opened; VmRSS {rss} KiB -> {rss_during} KiB (delta {} KiB)",
@@ -472,7 +538,9 @@ async fn grpc_stream_flood_is_capped() {
     let net = Net::with(Transport::Grpc, |b| b.max_concurrent_streams(32));
     let (leader, n2, n3) = cluster(net.clone()).await;
     let writer = Writer::start(leader.clone());
+    writer.assert_committing("before", Duration::from_secs(5)).await;
     let rss = vm_rss_kib();
+    let baseline = Usage::now();
     let mut send = h2_node9(&net, n2.addr(), 2).await;
     // The server's SETTINGS frame follows the handshake.
     send = send.ready().await.unwrap();
@@ -512,6 +580,7 @@ async fn grpc_stream_flood_is_capped() {
         r.abort();
     }
     drop(held);
+    baseline.assert_returned("grpc stream flood").await;
     // Observed: VmRSS delta about 18 MiB in a debug build (32 open replication sessions on
     // the server plus the test's own h2 client and 33 tasks), independent of the 10,000.
     println!(
@@ -539,8 +608,10 @@ async fn quic_oversized_vote_is_refused_from_its_header() {
         .await
         .unwrap();
     demo::initialize_alone(&node).await.unwrap();
+    settle(&node).await;
     let rss = vm_rss_kib();
-    let (_endpoint, conn) = quic_node9(&net, node.addr(), 1).await;
+    let baseline = Usage::now();
+    let (endpoint, conn) = quic_node9(&net, node.addr(), 1).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let mut head = Vec::new();
     head.extend_from_slice(b"RW");
@@ -585,6 +656,8 @@ async fn quic_oversized_vote_is_refused_from_its_header() {
     );
     assert!(rss_after - rss < 30 << 10, "the server did not buffer the vote");
     conn.close(quinn::VarInt::from_u32(0), b"done");
+    drop((send, recv, conn, endpoint));
+    baseline.assert_returned("quic 60 MiB vote").await;
     let mut node = node;
     node.stop().await.unwrap();
 }
@@ -599,7 +672,9 @@ async fn grpc_oversized_vote_is_refused_from_its_prefix() {
         .await
         .unwrap();
     demo::initialize_alone(&node).await.unwrap();
+    settle(&node).await;
     let rss = vm_rss_kib();
+    let baseline = Usage::now();
     let send = h2_node9(&net, node.addr(), 1).await;
     let mut send = send.ready().await.unwrap();
     let (response, mut stream) = send.send_request(grpc_request(1, "Vote"), false).unwrap();
@@ -611,8 +686,15 @@ async fn grpc_oversized_vote_is_refused_from_its_prefix() {
         .await
         .expect("the server answers before the body arrives")
         .unwrap();
-    let status = match response.headers().get("grpc-status") {
-        Some(s) => s.to_str().unwrap().to_string(),
+    let in_head = response
+        .headers()
+        .get("grpc-status")
+        .map(|s| s.to_str().unwrap().to_string());
+    let status = match in_head {
+        Some(s) => {
+            drop(response);
+            s
+        }
         None => {
             let mut body = response.into_body();
             while let Some(chunk) = body.data().await {
@@ -633,7 +715,8 @@ async fn grpc_oversized_vote_is_refused_from_its_prefix() {
         rss_after - rss
     );
     assert!(rss_after - rss < 30 << 10, "the server did not buffer the vote");
-    drop(stream);
+    drop((stream, send));
+    baseline.assert_returned("grpc 60 MiB vote").await;
     let mut node = node;
     node.stop().await.unwrap();
 }
@@ -642,19 +725,22 @@ async fn grpc_oversized_vote_is_refused_from_its_prefix() {
 // (e) departed peers
 // ---------------------------------------------------------------------------------------
 
-async fn departed_learners_are_forgotten(transport: Transport) {
-    let net = Net::with(transport, |b| {
-        b.idle_peer_timeout(Duration::from_millis(300))
-            .shutdown_grace(Duration::from_millis(50))
-    });
-    let cluster = Cluster::voters_with(net.clone(), 1).await;
-    let leader = cluster.node(1);
-    let baseline = leader.network.stats();
-    let rss = vm_rss_kib();
+/// What the leader held while `count` learners were members, and how long after their removal
+/// it had let go of them all.
+struct Departure {
+    with: raftwire::NetworkStats,
+    toward: usize,
+    took: Duration,
+}
 
+/// Starts `count` learners with ids from `first`, adds them in one membership change, waits
+/// until they have a write, removes them and waits until the leader forgets them; then stops
+/// them.
+async fn learners_come_and_go(net: &Net, leader: &KvNode, first: u64, count: u64) -> Departure {
+    let transport = net.transport;
+    let baseline = leader.network.stats();
     let mut learners = Vec::new();
-    let count: u64 = 50;
-    for id in 10..10 + count {
+    for id in first..first + count {
         learners.push(
             KvNode::start(id, demo::raft_config(), net.config(id), loopback())
                 .await
@@ -671,7 +757,7 @@ async fn departed_learners_are_forgotten(transport: Transport) {
         .await
         .unwrap();
     leader
-        .write("after-learners".to_string(), Bytes::from_static(b"v"))
+        .write(format!("with-learners-{first}"), Bytes::from_static(b"v"))
         .await
         .unwrap();
     let target = leader.sm.last_applied().unwrap().index;
@@ -680,7 +766,6 @@ async fn departed_learners_are_forgotten(transport: Transport) {
     }
     let with = leader.network.stats();
     let toward = sockets_toward(&ports);
-    let rss_with = vm_rss_kib();
     assert_eq!(
         with.peers_cached,
         baseline.peers_cached + count,
@@ -717,17 +802,36 @@ async fn departed_learners_are_forgotten(transport: Transport) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let took = removed.elapsed();
-    let rss_after = vm_rss_kib();
-    // Observed: gRPC ~150 links, QUIC 50; all released within ~0.5 s of the removal.
-    println!(
-        "{transport}: 50 learners: {} peers / {} links cached, {toward} TCP connections toward them; forgotten {took:?} after removal; VmRSS {rss} -> {rss_with} -> {rss_after} KiB",
-        with.peers_cached, with.links_cached
-    );
     leader
-        .write("after-removal".to_string(), Bytes::from_static(b"v"))
+        .write(format!("after-removal-{first}"), Bytes::from_static(b"v"))
         .await
         .unwrap();
     futures::future::join_all(learners.iter_mut().map(|l| l.stop())).await;
+    Departure { with, toward, took }
+}
+
+async fn departed_learners_are_forgotten(transport: Transport) {
+    let net = Net::with(transport, |b| {
+        b.idle_peer_timeout(Duration::from_millis(300))
+            .shutdown_grace(Duration::from_millis(50))
+    });
+    let cluster = Cluster::voters_with(net.clone(), 1).await;
+    let leader = cluster.node(1);
+    // One learner first: what the leader creates once, on its first peer (QUIC: its client
+    // endpoint), is part of the baseline.
+    learners_come_and_go(&net, leader, 10, 1).await;
+    let usage = Usage::now();
+    let rss = vm_rss_kib();
+    let fifty = learners_come_and_go(&net, leader, 100, 50).await;
+    let rss_after = vm_rss_kib();
+    // Observed: gRPC ~150 links, QUIC 50; all released within ~0.5 s of the removal.
+    println!(
+        "{transport}: 50 learners: {} peers / {} links cached, {} TCP connections toward them; forgotten {:?} after removal; VmRSS {rss} -> {rss_after} KiB",
+        fifty.with.peers_cached, fifty.with.links_cached, fifty.toward, fifty.took
+    );
+    usage
+        .assert_returned(&format!("{transport}: 50 learners added and removed"))
+        .await;
     cluster.shutdown().await;
 }
 

@@ -52,6 +52,8 @@ const VALUE: usize = 1000;
 struct TrackingSink {
     created: Arc<AtomicU64>,
     aborted: Arc<AtomicU64>,
+    /// Why each transfer was aborted, as the follower told its sink.
+    reasons: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl SnapshotSink<KvSnapshotData> for TrackingSink {
@@ -60,8 +62,9 @@ impl SnapshotSink<KvSnapshotData> for TrackingSink {
         Box::pin(async { Ok(KvSnapshotData::default()) })
     }
 
-    fn abort(&self, data: KvSnapshotData) -> AbortFuture {
+    fn abort(&self, data: KvSnapshotData, reason: &str) -> AbortFuture {
         drop(data);
+        self.reasons.lock().unwrap().push(reason.to_string());
         self.aborted.fetch_add(1, Ordering::SeqCst);
         Box::pin(async {})
     }
@@ -303,12 +306,27 @@ impl Bed {
         self.assert_nothing_installed(what).await;
         err
     }
+
+    /// The follower learnt that the sender gave up (QUIC: a reset stream; gRPC: an error on
+    /// the request stream), rather than seeing the stream end cleanly without its trailer.
+    fn assert_sender_aborted(&self, what: &str) {
+        let reasons = self.sink.reasons.lock().unwrap().clone();
+        assert!(!reasons.is_empty(), "{what}: no abort reason");
+        eprintln!("{what}: the follower aborted: {reasons:?}");
+        for reason in &reasons {
+            assert!(
+                !reason.contains("truncated"),
+                "{what}: the unfinished stream ended cleanly: {reason}"
+            );
+        }
+    }
 }
 
 async fn sender_read_error_installs_nothing(transport: Transport) {
     let mut bed = Bed::new(transport).await;
     let err = bed.failed("read error", bed.follower.node(), FAIL, never()).await;
     assert!(err.to_string().contains("injected"), "{err}");
+    bed.assert_sender_aborted("read error");
     bed.assert_next_attempt_succeeds("read error").await;
     bed.stop().await;
 }
@@ -321,6 +339,7 @@ async fn cancel_mid_snapshot_installs_nothing(transport: Transport) {
     };
     let err = bed.failed("cancel", bed.follower.node(), STALL, cancel).await;
     assert!(matches!(err, StreamingError::Closed(_)), "{err}");
+    bed.assert_sender_aborted("cancel");
     bed.assert_next_attempt_succeeds("cancel").await;
     bed.stop().await;
 }
@@ -332,6 +351,7 @@ async fn sender_idle_timeout_installs_nothing(transport: Transport) {
         .failed("idle timeout", bed.follower.node(), STALL, never())
         .await;
     assert!(matches!(err, StreamingError::Timeout(_)), "{err}");
+    bed.assert_sender_aborted("idle timeout");
     // The sender's progress deadline is 600 ms; the follower's abort may take as long again.
     assert!(
         started.elapsed() < Duration::from_secs(4),

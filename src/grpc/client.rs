@@ -1,8 +1,6 @@
 //! The gRPC client side: one lane (one HTTP/2 connection) per peer and purpose.
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -84,10 +82,6 @@ pub(crate) struct Lane {
     tls: Option<tokio_rustls::TlsConnector>,
     target: u64,
     dialer: Dialer<Channel>,
-    /// Whether the server answered anything on the current connection: until it has, a
-    /// connection that dies took our certificate with it (TLS 1.3 servers check it only after
-    /// our side of the handshake is done).
-    answered: Arc<AtomicBool>,
     max_message_size: usize,
     max_in_flight_requests: usize,
     stats: Stats,
@@ -126,7 +120,6 @@ impl Lane {
             tls,
             target,
             dialer: Dialer::new(addr, config.connect_timeout, stats.clone()),
-            answered: Arc::new(AtomicBool::new(false)),
             max_message_size: config.max_message_size,
             max_in_flight_requests: config.max_in_flight_requests,
             stats,
@@ -134,15 +127,20 @@ impl Lane {
     }
 
     async fn client(&self) -> Result<RaftClient<Channel>, TransportError> {
-        let (endpoint, tls, addr, name, answered) = (
+        Ok(RaftClient::new(self.channel().await?)
+            .max_decoding_message_size(self.max_message_size)
+            .max_encoding_message_size(self.max_message_size))
+    }
+
+    /// The current connection, dialled if there is none.
+    async fn channel(&self) -> Result<Channel, TransportError> {
+        let (endpoint, tls, addr, name) = (
             self.endpoint.clone(),
             self.tls.clone(),
             self.addr.clone(),
             tls::server_name(self.target),
-            self.answered.clone(),
         );
-        let channel = self
-            .dialer
+        self.dialer
             .get(
                 |_| true,
                 move || async move {
@@ -156,31 +154,25 @@ impl Lane {
                             let tcp = tokio::net::TcpStream::connect(&addr).await?;
                             tcp.set_nodelay(true)?;
                             let stream = connector.connect(name, tcp).await?;
+                            // A refusal of our certificate arrives as the server's first
+                            // word: read it here, where it can be named.
+                            let stream = super::primed::prime(stream).await?;
                             Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
                         }
                     });
-                    let channel = endpoint
+                    endpoint
                         .connect_with_connector(dial)
                         .await
-                        .map_err(|e| handshake_refusal(&e).unwrap_or_else(|| error_chain(&e)))?;
-                    answered.store(false, Ordering::Relaxed);
-                    Ok(channel)
+                        .map_err(|e| handshake_refusal(&e).unwrap_or_else(|| error_chain(&e)))
                 },
             )
-            .await?;
-        Ok(RaftClient::new(channel)
-            .max_decoding_message_size(self.max_message_size)
-            .max_encoding_message_size(self.max_message_size))
+            .await
     }
 
     /// Maps a failed call and forgets a connection that may be dead, so the next call
     /// connects afresh (and reports `Connect` if the peer is gone).
     fn failed(&self, rpc: RPCTypes, status: Status) -> TransportError {
-        let fresh = self.tls.is_some() && !self.answered.load(Ordering::Relaxed);
-        let err = status_to_error(&self.addr, rpc, status, fresh);
-        if let TransportError::Remote { .. } = err {
-            self.answered();
-        }
+        let err = status_to_error(&self.addr, rpc, status);
         if matches!(
             err,
             TransportError::Broken { .. } | TransportError::Connect { .. }
@@ -188,11 +180,6 @@ impl Lane {
             self.dialer.forget();
         }
         err
-    }
-
-    /// Notes that the server answered on the current connection.
-    fn answered(&self) {
-        self.answered.store(true, Ordering::Relaxed);
     }
 
     async fn unary<Resp, F, Fut>(
@@ -209,10 +196,7 @@ impl Lane {
             let client = self.client().await?;
             call(client)
                 .await
-                .map(|r| {
-                    self.answered();
-                    r.into_inner()
-                })
+                .map(|r| r.into_inner())
                 .map_err(|s| self.failed(rpc, s))
         };
         let outcome = tokio::time::timeout(deadline, work)
@@ -309,11 +293,8 @@ impl<C: RaftWireConfig> Link<C> for Lane {
                 Ok(response) => response
                     .into_inner()
                     .map(move |r| match r {
-                        Ok(reply) => {
-                            self.answered();
-                            convert::stream_reply_from_pb(reply)
-                                .map_err(|source| TransportError::Decode { rpc, source })
-                        }
+                        Ok(reply) => convert::stream_reply_from_pb(reply)
+                            .map_err(|source| TransportError::Decode { rpc, source }),
                         Err(status) => Err(self.failed(rpc, status)),
                     })
                     .left_stream(),
@@ -342,42 +323,61 @@ impl<C: RaftWireConfig> Link<C> for Lane {
     ) -> BoxFuture<'s, Result<Box<dyn SnapshotUpload<C> + 's>, TransportError>> {
         Box::pin(async move {
             let header = convert::snapshot_header_to_pb::<C>(&vote, &meta)?;
-            let mut client = self.client().await?;
-            let (tx, rx) = mpsc::channel::<pb::SnapshotChunk>(2);
+            let mut grpc = tonic::client::Grpc::new(self.channel().await?)
+                .max_decoding_message_size(self.max_message_size)
+                .max_encoding_message_size(self.max_message_size);
+            // Two chunks in flight, and a slot kept for the abort marker.
+            let (tx, rx) = mpsc::channel::<Result<pb::SnapshotChunk, Status>>(3);
+            let abort = tx.clone().try_reserve_owned().ok();
             let first = pb::SnapshotChunk {
                 kind: Some(pb::snapshot_chunk::Kind::Header(header)),
             };
             // The channel is empty and open: this cannot wait.
-            let _ = tx.try_send(first);
-            // The call runs as a task so chunks flow while we read the next one; dropping the
-            // upload aborts it, which resets the HTTP/2 stream.
-            let call = tokio::spawn(async move { client.install_snapshot(ReceiverStream::new(rx)).await });
+            let _ = tx.try_send(Ok(first));
+            // The call runs as a task so chunks flow while we read the next one.
+            let call = tokio::spawn(async move {
+                grpc.ready()
+                    .await
+                    .map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
+                let path = http::uri::PathAndQuery::from_static("/raftwire.v1.Raft/InstallSnapshot");
+                grpc.client_streaming(tonic::Request::new(ReceiverStream::new(rx)), path, UploadCodec)
+                    .await
+            });
             let upload: Box<dyn SnapshotUpload<C> + 's> = Box::new(Upload {
                 lane: self,
                 tx: Some(tx),
-                call,
+                abort,
+                call: Some(call),
             });
             Ok(upload)
         })
     }
 }
 
+type UploadCall = tokio::task::JoinHandle<Result<tonic::Response<pb::SnapshotResponse>, Status>>;
+
 /// A snapshot call in progress: chunks go through `tx`; the call's answer comes from `call`.
 struct Upload<'a> {
     lane: &'a Lane,
-    tx: Option<mpsc::Sender<pb::SnapshotChunk>>,
-    call: tokio::task::JoinHandle<Result<tonic::Response<pb::SnapshotResponse>, Status>>,
+    tx: Option<mpsc::Sender<Result<pb::SnapshotChunk, Status>>>,
+    /// The channel slot for the marker that fails the request body if the upload is given up.
+    abort: Option<mpsc::OwnedPermit<Result<pb::SnapshotChunk, Status>>>,
+    /// `None` only while being dropped.
+    call: Option<UploadCall>,
 }
 
 impl Upload<'_> {
     /// The call's outcome once it has ended (early, with a refusal, or after the trailer).
     async fn answer(&mut self) -> Result<pb::SnapshotResponse, TransportError> {
         let rpc = RPCTypes::InstallSnapshot;
-        match (&mut self.call).await {
-            Ok(Ok(resp)) => {
-                self.lane.answered();
-                Ok(resp.into_inner())
-            }
+        let Some(call) = self.call.as_mut() else {
+            return Err(TransportError::Broken {
+                rpc,
+                reason: "snapshot call already ended".into(),
+            });
+        };
+        match call.await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(status)) => Err(self.lane.failed(rpc, status)),
             Err(join) => Err(TransportError::Broken {
                 rpc,
@@ -389,7 +389,7 @@ impl Upload<'_> {
     async fn push(&mut self, kind: pb::snapshot_chunk::Kind) -> Result<(), TransportError> {
         let chunk = pb::SnapshotChunk { kind: Some(kind) };
         let sent = match &self.tx {
-            Some(tx) => tx.send(chunk).await.is_ok(),
+            Some(tx) => tx.send(Ok(chunk)).await.is_ok(),
             None => false,
         };
         if sent {
@@ -419,8 +419,9 @@ impl<C: RaftWireConfig> SnapshotUpload<C> for Upload<'_> {
                 crc32c: trailer.crc32c,
             }))
             .await?;
-            // The request stream ends here: the receiver verifies and installs.
+            // The request stream ends here, cleanly: the receiver verifies and installs.
             self.tx = None;
+            self.abort = None;
             let resp = self.answer().await?;
             convert::snapshot_response_from_pb(resp).map_err(|source| TransportError::Decode {
                 rpc: RPCTypes::InstallSnapshot,
@@ -432,19 +433,64 @@ impl<C: RaftWireConfig> SnapshotUpload<C> for Upload<'_> {
 
 impl Drop for Upload<'_> {
     fn drop(&mut self) {
-        // Unfinished: the call is dropped, and hyper resets the HTTP/2 stream (RST_STREAM
-        // CANCEL) of a request whose response future is gone, unless the request body ended
-        // first; so the body stays open until hyper lets go of it. (hyper's server reports a
-        // CANCEL reset to the handler as the end of the body: the missing trailer is what
-        // tells the receiver the transfer is unfinished, and it installs nothing.)
-        self.call.abort();
-        if let Some(tx) = self.tx.take() {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        // Unfinished (an error, a timeout or a cancel on our side): the request body fails,
+        // and hyper resets the HTTP/2 stream with INTERNAL_ERROR, which the receiver reads as
+        // an error. Dropping the call instead would send CANCEL, which tonic's server reports
+        // as a clean end of the request stream.
+        self.tx = None;
+        if let Some(permit) = self.abort.take() {
+            permit.send(Err(Status::aborted("the sender abandoned the snapshot")));
+        }
+        let Some(mut call) = self.call.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            // The call ends once the reset is out (or the peer answers); bounded, in case the
+            // peer stopped reading and the marker waits behind flow control.
+            Ok(rt) => {
                 rt.spawn(async move {
-                    let _ = tokio::time::timeout(Duration::from_secs(10), tx.closed()).await;
+                    if tokio::time::timeout(Duration::from_secs(5), &mut call)
+                        .await
+                        .is_err()
+                    {
+                        call.abort();
+                    }
                 });
             }
+            Err(_) => call.abort(),
         }
+    }
+}
+
+/// The codec of snapshot uploads: prost messages, and an `Err` item that fails the request
+/// body (see `Upload`'s `Drop`).
+struct UploadCodec;
+
+impl tonic::codec::Codec for UploadCodec {
+    type Encode = Result<pb::SnapshotChunk, Status>;
+    type Decode = pb::SnapshotResponse;
+    type Encoder = UploadEncoder;
+    type Decoder = tonic_prost::ProstDecoder<pb::SnapshotResponse>;
+
+    fn encoder(&mut self) -> UploadEncoder {
+        UploadEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::default()
+    }
+}
+
+struct UploadEncoder;
+
+impl tonic::codec::Encoder for UploadEncoder {
+    type Item = Result<pb::SnapshotChunk, Status>;
+    type Error = Status;
+
+    fn encode(&mut self, item: Self::Item, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
+        item?
+            .encode(dst)
+            .map_err(|e| Status::internal(format!("encoding a snapshot chunk: {e}")))
     }
 }
 
@@ -479,14 +525,9 @@ impl<C: RaftWireConfig> RequestSink<C> for ChannelSink {
 }
 
 /// A status the peer's raftwire server produced (marked) is the peer's own refusal; anything
-/// else came from the connection.
-///
-/// Under TLS 1.3 the server checks our certificate after our side of the handshake is done,
-/// so its refusal arrives on the first call: as the TLS alert inside the HTTP/2 error, or, when
-/// our first write races the alert, as a connection that simply closed. Both mean the
-/// handshake failed: `Connect`. `fresh` says that the server never answered on this
-/// connection, which is what tells a closed connection from a refusal.
-fn status_to_error(addr: &str, rpc: RPCTypes, status: Status, fresh: bool) -> TransportError {
+/// else came from the connection. (A refusal of our certificate never gets this far: a
+/// connection is handed to hyper only after the server's first bytes, see `primed`.)
+fn status_to_error(addr: &str, rpc: RPCTypes, status: Status) -> TransportError {
     if status.metadata().get(ERROR_MARK).is_some() {
         return TransportError::Remote {
             rpc,
@@ -500,14 +541,6 @@ fn status_to_error(addr: &str, rpc: RPCTypes, status: Status, fresh: bool) -> Tr
         };
     }
     let reason = error_chain(&status);
-    if fresh && connection_lost(&status) {
-        return TransportError::Connect {
-            addr: addr.to_string(),
-            reason: format!(
-                "the server closed the connection before answering (it may have refused our certificate): {reason}"
-            ),
-        };
-    }
     match status.code() {
         Code::DeadlineExceeded => TransportError::Timeout {
             rpc,
@@ -515,32 +548,4 @@ fn status_to_error(addr: &str, rpc: RPCTypes, status: Status, fresh: bool) -> Tr
         },
         _ => TransportError::Broken { rpc, reason },
     }
-}
-
-/// Whether the connection under a failed call is gone (as opposed to one call failing).
-fn connection_lost(status: &Status) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(status);
-    while let Some(e) = cur {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            if h2.is_io() || h2.is_go_away() {
-                return true;
-            }
-        }
-        if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
-            if hyper.is_closed() || hyper.is_incomplete_message() || hyper.is_canceled() {
-                return true;
-            }
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind as K;
-            if matches!(
-                io.kind(),
-                K::ConnectionReset | K::ConnectionAborted | K::BrokenPipe | K::UnexpectedEof
-            ) {
-                return true;
-            }
-        }
-        cur = e.source();
-    }
-    false
 }

@@ -3,6 +3,7 @@
 mod client;
 pub(crate) mod convert;
 mod limit;
+mod primed;
 mod serve;
 mod server;
 
