@@ -21,6 +21,7 @@
 //! |---|---|---|
 //! | `grpc` | yes | the gRPC transport ([`Transport::Grpc`]) and the protobuf types in `pb` |
 //! | `quic` | yes | the QUIC transport ([`Transport::Quic`]) and its tuning ([`QuicTuning`]) |
+//! | `app` | yes | the application side: the `raftwire` binary, the demo store (`kv`, `demo`) and the benchmark harness (`bench`); off for a lean network layer |
 //!
 //! With both compiled in, [`Transport::default`] is gRPC.
 //!
@@ -55,8 +56,9 @@
 //! pipelining of `stream_append`), `service` (the server core every transport serves through:
 //! identity checks, snapshot receive / verify / install, bridging into `Raft`), `snapshot`,
 //! `server`, `grpc/` (client, server, accept loop, proto conversions), `codec/` (the QUIC
-//! frame format, no I/O), `quic/` (client, server), `kv` (the demo key-value application,
-//! also used by the tests and benches), `demo` (the `raftwire demo` run). A new transport is
+//! frame format, no I/O), `quic/` (client, server); behind the `app` feature: `kv` (the demo
+//! key-value application, also used by the tests and benches), `demo` (the `raftwire demo`
+//! run), `bench` (the benchmark harness). A new transport is
 //! one more folder implementing `link::Connector`/`link::Link` and serving through
 //! `service::Service`.
 #![warn(missing_docs)]
@@ -89,8 +91,11 @@ mod quic;
 #[doc(hidden)]
 pub mod fuzzing;
 
+#[cfg(feature = "app")]
 pub mod bench;
+#[cfg(feature = "app")]
 pub mod demo;
+#[cfg(feature = "app")]
 pub mod kv;
 
 pub use certs::CertError;

@@ -334,8 +334,15 @@ mod tests {
     use tokio_stream::wrappers::UnboundedReceiverStream;
 
     use super::*;
+    use crate::Json;
     use crate::WireLeaderId;
-    use crate::kv::KvConfig;
+
+    openraft::declare_raft_types!(
+        KvConfig:
+            D = Json<String>,
+            R = Json<String>,
+            Node = openraft::impls::BasicNode,
+    );
 
     const IDLE: Duration = Duration::from_secs(1);
     /// How late past the deadline a timeout may come: the deadline is a timer, not a poll.

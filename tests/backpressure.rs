@@ -11,6 +11,7 @@
 //!   and the node never sees the requests. (gRPC's request sink queues into a channel as deep
 //!   as the window, so its sends never block and its reply deadline caught this before; the
 //!   QUIC sink writes to the stream and did block, wedging the session with no error.)
+#![cfg(feature = "app")]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Cluster behaviour over real sockets on 127.0.0.1, on every compiled transport.
+#![cfg(feature = "app")]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Error surfaces over real sockets: unreachable peers, malformed and oversized requests.
+#![cfg(feature = "app")]
 
 mod common;
 

@@ -5,7 +5,7 @@
 //!
 //! The tests of this file run one at a time (see `serial`), so the VmRSS figure each prints
 //! is its own. Figures observed on the development machine are noted next to each print.
-#![cfg(all(feature = "grpc", feature = "quic"))]
+#![cfg(all(feature = "app", feature = "grpc", feature = "quic"))]
 
 mod common;
 

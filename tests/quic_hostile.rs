@@ -2,7 +2,7 @@
 //! certificate from the cluster CA (node 9), so it gets past mutual TLS and speaks bytes
 //! straight to the framing layer. Every bad stream must be answered with an error frame and
 //! closed, logged, and must leave both the server and the attacker's connection usable.
-#![cfg(feature = "quic")]
+#![cfg(all(feature = "app", feature = "quic"))]
 
 mod common;
 

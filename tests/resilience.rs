@@ -1,5 +1,6 @@
 //! Links that are slow, peers that crash and come back, servers that shut down: on every
 //! transport, over real sockets.
+#![cfg(feature = "app")]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! A snapshot is installed only when it arrived whole: every way a transfer can end early
 //! leaves the follower as it was, tells its snapshot sink to discard the partial data, and a
 //! later attempt succeeds. On every transport, over real sockets.
+#![cfg(feature = "app")]
 
 mod common;
 

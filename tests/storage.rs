@@ -1,4 +1,5 @@
 //! The demo store passes openraft's storage test suite.
+#![cfg(feature = "app")]
 
 use openraft::StorageError;
 use openraft::testing::log::StoreBuilder;

@@ -1,6 +1,7 @@
 //! Mutual TLS over real sockets on 127.0.0.1, on every compiled transport: who is trusted,
 //! who is refused and how the refusal reads; loading and redaction of TLS material; the
 //! `raftwire certs` command.
+#![cfg(feature = "app")]
 
 mod common;
 
