@@ -1,12 +1,14 @@
 //! Network configuration shared by the factory and the server.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::ConfigError;
+use crate::error::TransportError;
 use crate::tls::TlsConfig;
 
 /// Which transport carries Raft traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Transport {
     /// gRPC over HTTP/2 (tonic + prost): the default.
@@ -29,6 +31,64 @@ impl Transport {
             #[cfg(feature = "quic")]
             Transport::Quic => "quic",
         }
+    }
+}
+
+impl Transport {
+    /// Parses a preference list such as `quic,grpc` (most preferred first; no repeats).
+    pub fn parse_list(s: &str) -> Result<Vec<Transport>, ConfigError> {
+        let list = s
+            .split(',')
+            .map(|t| t.trim().parse())
+            .collect::<Result<Vec<Transport>, _>>()?;
+        check_preference(&list)?;
+        Ok(list)
+    }
+}
+
+/// A preference list names at least one transport and none twice.
+fn check_preference(list: &[Transport]) -> Result<(), ConfigError> {
+    let names = || list.iter().map(|t| t.name()).collect::<Vec<_>>().join(",");
+    if list.is_empty() {
+        return Err(ConfigError::Invalid {
+            field: "transports",
+            requirement: "at least one transport",
+            value: "none".into(),
+        });
+    }
+    if list.iter().enumerate().any(|(i, t)| list[..i].contains(t)) {
+        return Err(ConfigError::Invalid {
+            field: "transports",
+            requirement: "each transport at most once",
+            value: names(),
+        });
+    }
+    Ok(())
+}
+
+/// Decides whether a failed call means "this transport does not work toward this peer" (so
+/// the factory falls back to the next transport of the preference list for a while) rather
+/// than "this peer is down or busy" (reported to openraft as it is). See
+/// [`ConfigBuilder::fallback_when`].
+#[derive(Clone)]
+pub struct FallbackPolicy(Arc<dyn Fn(&TransportError) -> bool + Send + Sync>);
+
+impl FallbackPolicy {
+    /// The default: a failed connect or TLS handshake ([`TransportError::Connect`]). A peer
+    /// that is down fails every transport alike, so falling back costs nothing there.
+    pub fn connect_failures() -> Self {
+        FallbackPolicy(Arc::new(|e| matches!(e, TransportError::Connect { .. })))
+    }
+
+    /// Whether `error` makes the factory fall back.
+    pub fn falls_back(&self, error: &TransportError) -> bool {
+        (self.0)(error)
+    }
+}
+
+impl std::fmt::Debug for FallbackPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FallbackPolicy(..)")
     }
 }
 
@@ -83,7 +143,10 @@ impl std::str::FromStr for Transport {
 /// matters.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub(crate) transport: Transport,
+    /// Most preferred first; never empty.
+    pub(crate) transports: Vec<Transport>,
+    pub(crate) fallback_backoff: Duration,
+    pub(crate) fallback: FallbackPolicy,
     pub(crate) connect_timeout: Duration,
     pub(crate) rpc_timeout: Option<Duration>,
     pub(crate) max_message_size: usize,
@@ -104,7 +167,9 @@ pub struct Config {
 impl Config {
     fn defaults() -> Self {
         Config {
-            transport: Transport::default(),
+            transports: vec![Transport::default()],
+            fallback_backoff: Duration::from_secs(10),
+            fallback: FallbackPolicy::connect_failures(),
             connect_timeout: Duration::from_secs(2),
             rpc_timeout: None,
             max_message_size: 64 << 20,
@@ -137,9 +202,15 @@ impl Config {
         self.tls.as_ref()
     }
 
-    /// The transport this config selects.
+    /// The transport this config prefers (the first of [`Config::transports`]).
     pub fn transport(&self) -> Transport {
-        self.transport
+        self.transports[0]
+    }
+
+    /// Every transport this config uses, most preferred first: a server serves all of them,
+    /// a factory tries them in this order per peer.
+    pub fn transports(&self) -> &[Transport] {
+        &self.transports
     }
 
     /// The most encoded bytes one message may have, on send and on receive.
@@ -172,9 +243,40 @@ pub struct ConfigBuilder {
 }
 
 impl ConfigBuilder {
-    /// Selects the transport. Default: [`Transport::Grpc`].
+    /// Selects one transport. Default: [`Transport::Grpc`].
     pub fn transport(mut self, transport: Transport) -> Self {
-        self.config.transport = transport;
+        self.config.transports = vec![transport];
+        self
+    }
+
+    /// Selects several transports, most preferred first (for example QUIC, then gRPC). A
+    /// [`Server`](crate::Server) serves every one of them (by default on the same port
+    /// number: TCP for gRPC, UDP for QUIC). A [`NetworkFactory`](crate::NetworkFactory) uses,
+    /// per peer, the most preferred transport that connects, and falls back to the next when
+    /// a call fails in a way [`ConfigBuilder::fallback_when`] attributes to the transport.
+    /// `build` refuses an empty list or a repeated transport.
+    pub fn transports(mut self, preference: impl IntoIterator<Item = Transport>) -> Self {
+        self.config.transports = preference.into_iter().collect();
+        self
+    }
+
+    /// How long a peer stays on a fallback transport after its preferred one failed, before
+    /// the preferred one is probed again (in the background; calls keep using the fallback
+    /// until the probe connects). Default: 10 s.
+    pub fn fallback_backoff(mut self, backoff: Duration) -> Self {
+        self.config.fallback_backoff = backoff;
+        self
+    }
+
+    /// Which failures make the factory fall back to the next transport of the preference
+    /// list (for that call and for [`fallback_backoff`](ConfigBuilder::fallback_backoff)).
+    /// Default: [`FallbackPolicy::connect_failures`]. Other failures are reported to openraft
+    /// unchanged.
+    pub fn fallback_when(
+        mut self,
+        predicate: impl Fn(&TransportError) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.config.fallback = FallbackPolicy(Arc::new(predicate));
         self
     }
 
@@ -319,8 +421,9 @@ impl ConfigBuilder {
     /// Validates and returns the config.
     pub fn build(self) -> Result<Config, ConfigError> {
         let c = self.config;
+        check_preference(&c.transports)?;
         #[cfg(feature = "quic")]
-        if c.transport == Transport::Quic && self.plaintext {
+        if c.transports.contains(&Transport::Quic) && self.plaintext {
             return Err(ConfigError::Invalid {
                 field: "insecure_plaintext",
                 requirement: "unset for QUIC (QUIC always runs mutual TLS)",
@@ -375,6 +478,13 @@ impl ConfigBuilder {
                 field: "snapshot_chunk_size",
                 requirement: "at least 1 KiB below max_message_size",
                 value: c.snapshot_chunk_size.to_string(),
+            });
+        }
+        if c.fallback_backoff.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "fallback_backoff",
+                requirement: "non-zero",
+                value: "0s".into(),
             });
         }
         if c.connect_timeout.is_zero() {
@@ -481,6 +591,49 @@ mod tests {
     fn builder() -> ConfigBuilder {
         let ca = crate::certs::CertificateAuthority::generate("config test CA").unwrap();
         Config::builder().tls(ca.tls_config(1).unwrap())
+    }
+
+    #[test]
+    fn preference_lists_parse_and_must_be_sound() {
+        let all: Vec<Transport> = [
+            #[cfg(feature = "quic")]
+            Transport::Quic,
+            #[cfg(feature = "grpc")]
+            Transport::Grpc,
+        ]
+        .into();
+        let names = all.iter().map(|t| t.name()).collect::<Vec<_>>().join(" , ");
+        assert_eq!(Transport::parse_list(&names).unwrap(), all);
+        let twice = format!("{0},{0}", all[0].name());
+        let err = Transport::parse_list(&twice).unwrap_err();
+        assert!(err.to_string().contains("at most once"), "{err}");
+        assert!(Transport::parse_list("carrier-pigeon").is_err());
+        assert!(Transport::parse_list("").is_err());
+
+        let c = builder().transports(all.clone()).build().unwrap();
+        assert_eq!(c.transports(), &all[..]);
+        assert_eq!(c.transport(), all[0]);
+        let err = builder().transports([]).build().unwrap_err();
+        assert!(err.to_string().contains("transports"), "{err}");
+        let err = builder().fallback_backoff(Duration::ZERO).build().unwrap_err();
+        assert!(err.to_string().contains("fallback_backoff"), "{err}");
+    }
+
+    #[test]
+    fn the_fallback_predicate_defaults_to_connect_failures_and_can_be_set() {
+        let connect = TransportError::Connect {
+            addr: "a:1".into(),
+            reason: "refused".into(),
+        };
+        let broken = TransportError::Broken {
+            rpc: openraft::network::RPCTypes::Vote,
+            reason: "reset".into(),
+        };
+        let c = builder().build().unwrap();
+        assert!(c.fallback.falls_back(&connect));
+        assert!(!c.fallback.falls_back(&broken));
+        let c = builder().fallback_when(|_| true).build().unwrap();
+        assert!(c.fallback.falls_back(&broken));
     }
 
     #[test]

@@ -28,8 +28,8 @@ use crate::kv::NodeError;
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
-    /// The transport the cluster uses.
-    pub transport: Transport,
+    /// The transports every node serves and prefers, most preferred first (one, usually).
+    pub transports: Vec<Transport>,
     /// How many keys to write.
     pub writes: u64,
     /// Bytes per value.
@@ -46,7 +46,7 @@ pub struct DemoOptions {
 impl Default for DemoOptions {
     fn default() -> Self {
         DemoOptions {
-            transport: Transport::default(),
+            transports: vec![Transport::default()],
             writes: 10_000,
             value_size: 64,
             concurrency: 64,
@@ -61,8 +61,8 @@ impl Default for DemoOptions {
 pub struct DemoReport {
     /// Always true in a returned report: a failed step returns an error instead.
     pub ok: bool,
-    /// The transport used.
-    pub transport: &'static str,
+    /// The transports used, most preferred first (`quic,grpc`).
+    pub transport: String,
     /// `"mtls"`, or `"plaintext"` for the opt-out.
     pub tls: &'static str,
     /// How many nodes took part.
@@ -248,7 +248,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
         })?)
     };
     let net = |id: u64| -> Result<Config, DemoError> {
-        let builder = Config::builder().transport(opts.transport);
+        let builder = Config::builder().transports(opts.transports.iter().copied());
         let builder = match &certs {
             Some(certs) => builder.tls(certs.load(id)?),
             None => builder.insecure_plaintext(),
@@ -263,7 +263,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
 
     say.step(format!(
         "starting 3 nodes on 127.0.0.1 over {}",
-        opts.transport.name()
+        transport_names(&opts.transports)
     ));
     let mut nodes = Vec::new();
     for id in 1..=3 {
@@ -416,7 +416,7 @@ pub async fn run(opts: DemoOptions) -> Result<DemoReport, DemoError> {
     }
     Ok(DemoReport {
         ok: true,
-        transport: opts.transport.name(),
+        transport: transport_names(&opts.transports),
         tls: if opts.plaintext { "plaintext" } else { "mtls" },
         nodes: count,
         writes: opts.writes,
@@ -450,4 +450,9 @@ async fn verify_keys(
     check(step, missing == 0, || {
         format!("{missing} of {writes} keys missing on node {}", leader.id)
     })
+}
+
+/// `quic,grpc`.
+fn transport_names(transports: &[Transport]) -> String {
+    transports.iter().map(|t| t.name()).collect::<Vec<_>>().join(",")
 }

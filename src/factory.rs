@@ -38,6 +38,8 @@ use crate::link;
 use crate::link::Connector;
 use crate::link::Link;
 use crate::link::Purpose;
+use crate::route::Fallback;
+use crate::route::Route;
 use crate::snapshot::SnapshotData;
 use crate::stats::NetworkStats;
 use crate::stats::Stats;
@@ -51,7 +53,12 @@ use crate::quic;
 
 struct Peer<C: RaftWireConfig> {
     addr: String,
+    /// The link each purpose's clients use (a [`Fallback`] over `by_transport` when the
+    /// factory has several transports).
     links: HashMap<Purpose, Arc<dyn Link<C>>>,
+    /// With several transports: the peer's transport choice, and each transport's links.
+    route: Option<Arc<Route>>,
+    by_transport: HashMap<(Transport, Purpose), Arc<dyn Link<C>>>,
     /// Since when no `Network` holds any of the links (as first seen by a sweep); `None`
     /// while one does.
     idle_since: Option<Instant>,
@@ -62,6 +69,8 @@ impl<C: RaftWireConfig> Peer<C> {
         Peer {
             addr: addr.to_string(),
             links: HashMap::new(),
+            route: None,
+            by_transport: HashMap::new(),
             idle_since: None,
         }
     }
@@ -75,9 +84,13 @@ impl<C: RaftWireConfig> Peer<C> {
         })
     }
 
-    /// The distinct links (a link shared across purposes counts once).
+    /// The distinct transport links (a link shared across purposes counts once).
     fn distinct_links(&self) -> usize {
-        let links: Vec<_> = self.links.values().collect();
+        let links: Vec<_> = if self.route.is_some() {
+            self.by_transport.values().collect()
+        } else {
+            self.links.values().collect()
+        };
         links
             .iter()
             .enumerate()
@@ -145,6 +158,9 @@ async fn sweep_forever<C: RaftWireConfig>(cache: Weak<Mutex<Cache<C>>>, idle: Du
     }
 }
 
+/// A transport and its client side.
+type TransportConnector<C> = (Transport, Arc<dyn Connector<C>>);
+
 /// openraft's network factory for raftwire: hands out [`Network`] clients that share one
 /// cached connection per peer and purpose.
 ///
@@ -160,7 +176,8 @@ async fn sweep_forever<C: RaftWireConfig>(cache: Weak<Mutex<Cache<C>>>, idle: Du
 pub struct NetworkFactory<C: RaftWireConfig, SD> {
     local_id: u64,
     config: Arc<Config>,
-    connector: Arc<dyn Connector<C>>,
+    /// One per transport of the config, in preference order.
+    connectors: Arc<[TransportConnector<C>]>,
     peers: Arc<Mutex<Cache<C>>>,
     stats: Stats,
     _types: PhantomData<fn() -> (C, SD)>,
@@ -171,7 +188,7 @@ impl<C: RaftWireConfig, SD> Clone for NetworkFactory<C, SD> {
         NetworkFactory {
             local_id: self.local_id,
             config: self.config.clone(),
-            connector: self.connector.clone(),
+            connectors: self.connectors.clone(),
             peers: self.peers.clone(),
             stats: self.stats.clone(),
             _types: PhantomData,
@@ -197,11 +214,15 @@ where
             );
         }
         let stats = Stats::default();
-        let connector = connector::<C>(&config, &stats);
+        let connectors = config
+            .transports()
+            .iter()
+            .map(|&t| (t, connector::<C>(t, &config, &stats)))
+            .collect();
         Ok(NetworkFactory {
             local_id,
             config: Arc::new(config),
-            connector,
+            connectors,
             peers: Arc::default(),
             stats,
             _types: PhantomData,
@@ -215,6 +236,14 @@ where
         let cache = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         stats.peers_cached = cache.peers.len() as u64;
         stats.links_cached = cache.peers.values().map(|p| p.distinct_links() as u64).sum();
+        stats.peer_transports = cache
+            .peers
+            .iter()
+            .filter_map(|(&id, peer)| match &peer.route {
+                Some(route) => route.on().map(|t| (id, t)),
+                None => Some((id, self.connectors[0].0)),
+            })
+            .collect();
         stats
     }
 
@@ -249,16 +278,14 @@ where
             tracing::info!(target, old = %peer.addr, new = addr, "peer address changed; reconnecting");
             *peer = Peer::new(addr);
         }
-        let shared = self
-            .connector
-            .shares_purposes()
-            .then(|| peer.links.values().next().cloned())
-            .flatten();
-        let link = peer
-            .links
-            .entry(purpose)
-            .or_insert_with(|| shared.unwrap_or_else(|| self.connector.link(addr, target, purpose)))
-            .clone();
+        let link = match peer.links.get(&purpose) {
+            Some(link) => link.clone(),
+            None => {
+                let link = self.new_link(peer, target, node, purpose);
+                peer.links.insert(purpose, link.clone());
+                link
+            }
+        };
         drop(cache);
         forget(expired, self.config.idle_peer_timeout);
         Network {
@@ -270,6 +297,70 @@ where
             stats: self.stats.clone(),
             _types: PhantomData,
         }
+    }
+}
+
+impl<C, SD> NetworkFactory<C, SD>
+where
+    C: RaftWireConfig,
+    SD: SnapshotData,
+{
+    /// The link `purpose`'s clients of `peer` use: the transport's own with one transport; a
+    /// [`Fallback`] over one link per transport (those the peer is known to serve) with
+    /// several.
+    fn new_link(
+        &self,
+        peer: &mut Peer<C>,
+        target: u64,
+        node: &C::Node,
+        purpose: Purpose,
+    ) -> Arc<dyn Link<C>> {
+        if let [(transport, connector)] = &self.connectors[..] {
+            if connector.shares_purposes() {
+                if let Some(shared) = peer.links.values().next() {
+                    return shared.clone();
+                }
+            }
+            return connector.link(node.transport_addr(*transport), target, purpose);
+        }
+        let route = peer
+            .route
+            .get_or_insert_with(|| {
+                let served = node.transports();
+                let mut preference: Vec<Transport> = self
+                    .connectors
+                    .iter()
+                    .map(|(t, _)| *t)
+                    .filter(|t| served.as_ref().is_none_or(|s| s.contains(t)))
+                    .collect();
+                if preference.is_empty() {
+                    // The peer serves none of ours: try them all, so calls say why they fail.
+                    preference = self.connectors.iter().map(|(t, _)| *t).collect();
+                }
+                Route::new(target, preference, &self.config)
+            })
+            .clone();
+        // The route's transports are a subsequence of the connectors' (same order).
+        let links = self
+            .connectors
+            .iter()
+            .filter(|(t, _)| route.transports().contains(t))
+            .map(|&(t, ref connector)| {
+                let shared = connector
+                    .shares_purposes()
+                    .then(|| {
+                        peer.by_transport
+                            .iter()
+                            .find(|((pt, _), _)| *pt == t)
+                            .map(|(_, l)| l.clone())
+                    })
+                    .flatten();
+                let link = shared.unwrap_or_else(|| connector.link(node.transport_addr(t), target, purpose));
+                peer.by_transport.insert((t, purpose), link.clone());
+                link
+            })
+            .collect();
+        Arc::new(Fallback::new(route, links))
     }
 }
 
@@ -415,10 +506,13 @@ where
     }
 }
 
-/// The client side of the configured transport: the one place the factory looks at which
-/// transport is selected.
-fn connector<C: RaftWireConfig>(config: &Config, stats: &Stats) -> Arc<dyn Connector<C>> {
-    match config.transport {
+/// The client side of `transport`: the one place the factory looks at which transports exist.
+fn connector<C: RaftWireConfig>(
+    transport: Transport,
+    config: &Config,
+    stats: &Stats,
+) -> Arc<dyn Connector<C>> {
+    match transport {
         #[cfg(feature = "grpc")]
         Transport::Grpc => Arc::new(grpc::Connector::new(config, stats.clone())),
         #[cfg(feature = "quic")]

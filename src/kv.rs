@@ -640,6 +640,13 @@ impl KvNode {
         .await
     }
 
+    /// Starts a stopped node again on the same address and stores with another network
+    /// config (a rolling change of transports, say).
+    pub async fn restart_with(mut self, net_config: Config) -> Result<KvNode, NodeError> {
+        self.net_config = net_config;
+        self.restart().await
+    }
+
     /// Writes `key = value` through Raft (this node must be the leader).
     pub async fn write(
         &self,

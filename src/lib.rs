@@ -23,7 +23,10 @@
 //! | `quic` | yes | the QUIC transport ([`Transport::Quic`]) and its tuning ([`QuicTuning`]) |
 //! | `app` | yes | the application side: the `raftwire` binary, the demo store (`kv`, `demo`) and the benchmark harness (`bench`); off for a lean network layer |
 //!
-//! With both compiled in, [`Transport::default`] is gRPC.
+//! With both compiled in, [`Transport::default`] is gRPC. A config may list several
+//! transports ([`ConfigBuilder::transports`]): the [`Server`] serves all of them and the
+//! factory uses, per peer, the most preferred one that connects, falling back as
+//! [`FallbackPolicy`] says (README: "Migrating a running cluster").
 //!
 //! ## Wiring it into an openraft application
 //!
@@ -52,7 +55,8 @@
 //! openraft's `RPCError`), `tls` and `certs` (mutual TLS, node identity, rcgen tooling),
 //! `factory` (the factory, its per-peer link cache and the `RaftNetworkV2` impl), `link` (the
 //! client trait every transport implements, and transport-neutral snapshot sending),
-//! `connect` (background dialling with backoff and eviction), `pipeline` (transport-neutral
+//! `connect` (background dialling with backoff and eviction), `route` (several transports
+//! toward one peer: preference, fallback, re-probing), `pipeline` (transport-neutral
 //! pipelining of `stream_append`), `service` (the server core every transport serves through:
 //! identity checks, snapshot receive / verify / install, bridging into `Raft`), `snapshot`,
 //! `server`, `grpc/` (client, server, accept loop, proto conversions), `codec/` (the QUIC
@@ -71,6 +75,7 @@ mod factory;
 mod limits;
 mod link;
 mod pipeline;
+mod route;
 mod server;
 mod service;
 mod snapshot;
@@ -107,6 +112,7 @@ pub use certs::inspect as inspect_certificate;
 pub use config::Config;
 pub use config::ConfigBuilder;
 pub use config::CongestionControl;
+pub use config::FallbackPolicy;
 pub use config::QuicTuning;
 pub use config::Transport;
 pub use error::ConfigError;

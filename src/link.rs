@@ -105,6 +105,10 @@ pub(crate) trait Link<C: RaftWireConfig>: Send + Sync + 'static {
         purpose: Purpose,
     ) -> BoxFuture<'s, Result<Replies<'s, C>, TransportError>>;
 
+    /// Makes sure a connection is up (dialling one if needed), within `deadline`: how the
+    /// factory probes a transport in the background before moving calls onto it.
+    fn probe(&self, deadline: Duration) -> BoxFuture<'_, Result<(), TransportError>>;
+
     /// Opens a snapshot transfer: the header is sent, data follows through the upload.
     fn open_snapshot<'s>(
         &'s self,

@@ -28,9 +28,10 @@ struct Cli {
 enum Command {
     /// Runs a 3-node cluster on loopback: writes, linearizable reads, failover, snapshot catch-up.
     Demo {
-        /// Transport: grpc or quic (those compiled in).
-        #[arg(long, default_value_t = Transport::default())]
-        transport: Transport,
+        /// Transport: grpc or quic (those compiled in), or a preference list such as
+        /// `quic,grpc` (every node serves all of them and prefers the first).
+        #[arg(long, default_value_t = Transports(vec![Transport::default()]))]
+        transport: Transports,
         /// Keys to write.
         #[arg(long, default_value_t = 10_000)]
         writes: u64,
@@ -102,7 +103,7 @@ fn main() -> ExitCode {
             insecure_plaintext,
         } => {
             let opts = demo::DemoOptions {
-                transport,
+                transports: transport.0,
                 writes,
                 value_size,
                 concurrency,
@@ -216,4 +217,23 @@ fn bench_quick(runtime: &tokio::runtime::Runtime, json: bool) -> ExitCode {
         "append: pipelined 16 KiB entries, window 64; writes: 3 nodes, 256 writers, 256 B; hb: heartbeat round trip"
     );
     ExitCode::SUCCESS
+}
+
+/// A `--transport` preference list: `quic,grpc`.
+#[derive(Debug, Clone)]
+struct Transports(Vec<Transport>);
+
+impl std::str::FromStr for Transports {
+    type Err = raftwire::ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Transport::parse_list(s).map(Transports)
+    }
+}
+
+impl std::fmt::Display for Transports {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.0.iter().map(|t| t.name()).collect();
+        f.write_str(&names.join(","))
+    }
 }

@@ -1,4 +1,4 @@
-//! Serves a `Raft` to its peers on the configured transport.
+//! Serves a `Raft` to its peers on every configured transport.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,12 +24,18 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// A running raftwire server; see [`Server::builder`].
 ///
+/// It serves every transport of its config's preference list
+/// ([`ConfigBuilder::transports`](crate::ConfigBuilder::transports)), all through one server
+/// core: the same identity checks and limits on each.
+///
 /// Dropping it without [`Server::shutdown`] stops it abruptly.
 pub struct Server {
-    local_addr: SocketAddr,
+    /// Where each transport listens, in the config's order.
+    addrs: Vec<(Transport, SocketAddr)>,
     shutdown: watch::Sender<bool>,
     grace: Duration,
-    task: JoinHandle<Result<(), ServerError>>,
+    /// One per transport.
+    tasks: Vec<JoinHandle<Result<(), ServerError>>>,
     /// Held by every connection and request handler; the count tells when all are gone.
     service: Arc<dyn std::any::Any + Send + Sync>,
 }
@@ -37,7 +43,7 @@ pub struct Server {
 impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
-            .field("local_addr", &self.local_addr)
+            .field("addrs", &self.addrs)
             .field("grace", &self.grace)
             .finish_non_exhaustive()
     }
@@ -48,6 +54,8 @@ pub struct ServerBuilder<C: RaftWireConfig, SM: RaftStateMachine<C>> {
     raft: Raft<C, SM>,
     config: Config,
     sink: Arc<dyn SnapshotSink<SM::SnapshotData>>,
+    /// Transports that listen somewhere else than the address given to `bind`.
+    listen: Vec<(Transport, SocketAddr)>,
 }
 
 impl Server {
@@ -66,6 +74,7 @@ impl Server {
             raft,
             config,
             sink: Arc::new(sink),
+            listen: Vec::new(),
         }
     }
 
@@ -84,12 +93,24 @@ impl Server {
             raft,
             config,
             sink: Arc::new(sink),
+            listen: Vec::new(),
         }
     }
 
-    /// The address the server listens on (with the real port when bound to port 0).
+    /// The address the server listens on (with the real port when bound to port 0); with
+    /// several transports, the most preferred one's.
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.addrs[0].1
+    }
+
+    /// Where `transport` listens, if this server serves it.
+    pub fn transport_addr(&self, transport: Transport) -> Option<SocketAddr> {
+        self.addrs.iter().find(|(t, _)| *t == transport).map(|(_, a)| *a)
+    }
+
+    /// Every transport this server serves, with its address, most preferred first.
+    pub fn transport_addrs(&self) -> &[(Transport, SocketAddr)] {
+        &self.addrs
     }
 
     /// Stops accepting, lets open calls finish for the configured grace period
@@ -98,19 +119,26 @@ impl Server {
     /// no request reaches the `Raft` through it any more.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         let _ = self.shutdown.send(true);
-        let task = &mut self.task;
-        let result = match tokio::time::timeout(self.grace + CLOSE_TIMEOUT, &mut *task).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(ServerError::Serve(join.to_string())),
-            Err(_) => {
-                task.abort();
-                let _ = task.await;
-                Err(ServerError::Serve(format!(
-                    "the transport did not close within {:?} of the grace period; aborted",
-                    CLOSE_TIMEOUT
-                )))
+        // The transports close side by side, each with the same grace.
+        let closing = self.tasks.iter_mut().map(|task| async move {
+            match tokio::time::timeout(self.grace + CLOSE_TIMEOUT, &mut *task).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(join)) => Err(ServerError::Serve(join.to_string())),
+                Err(_) => {
+                    task.abort();
+                    let _ = task.await;
+                    Err(ServerError::Serve(format!(
+                        "the transport did not close within {:?} of the grace period; aborted",
+                        CLOSE_TIMEOUT
+                    )))
+                }
             }
-        };
+        });
+        let result = futures::future::join_all(closing)
+            .await
+            .into_iter()
+            .find(|r| r.is_err())
+            .unwrap_or(Ok(()));
         // Handlers the transport ran as tasks of their own end as their connections close.
         let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
         while Arc::strong_count(&self.service) > 1 {
@@ -129,7 +157,9 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.shutdown.send(true);
-        self.task.abort();
+        for task in &self.tasks {
+            task.abort();
+        }
     }
 }
 
@@ -152,9 +182,20 @@ where
         self
     }
 
-    /// Binds `addr` (port 0 picks a free port: TCP for gRPC, UDP for QUIC) and starts serving
-    /// in a background task. Fails with [`ServerError::Config`] when the configured TLS
-    /// certificate names another node than the `Raft`'s.
+    /// Serves `transport` on `addr` instead of the address given to [`ServerBuilder::bind`]
+    /// (peers then need to know it: see [`PeerAddr::transport_addr`](crate::PeerAddr::transport_addr)).
+    pub fn listen(mut self, transport: Transport, addr: SocketAddr) -> Self {
+        self.listen.retain(|(t, _)| *t != transport);
+        self.listen.push((transport, addr));
+        self
+    }
+
+    /// Binds every transport of the config and starts serving each in a background task:
+    /// the first at `addr` (port 0 picks a free port), the others on the same IP and port
+    /// number (TCP for gRPC, UDP for QUIC) unless [`ServerBuilder::listen`] moved them. With
+    /// port 0 and several transports, a port free for all of them is found. Fails with
+    /// [`ServerError::Config`] when the configured TLS certificate names another node than
+    /// the `Raft`'s.
     pub async fn bind(self, addr: SocketAddr) -> Result<Server, ServerError> {
         // A server presenting another node's certificate would be refused by every peer.
         let node_id = {
@@ -163,40 +204,109 @@ where
         };
         ConfigError::check_identity(node_id, self.config.tls.as_ref())?;
         let transport_is_plaintext = self.config.tls.is_none();
-        let bind_err = |source| ServerError::Bind {
-            addr: addr.to_string(),
-            source,
+        let transports = self.config.transports().to_vec();
+        // With port 0, the first transport's port may be taken for another's protocol: try
+        // a few ports before giving up.
+        let mut attempts = 0;
+        let sockets = loop {
+            match bind_all(&transports, addr, &self.listen, &self.config) {
+                Ok(sockets) => break sockets,
+                Err(ServerError::Bind { source, .. })
+                    if addr.port() == 0
+                        && transports.len() > 1
+                        && source.kind() == std::io::ErrorKind::AddrInUse
+                        && attempts < 16 =>
+                {
+                    attempts += 1;
+                }
+                Err(e) => return Err(e),
+            }
         };
         let (tx, rx) = watch::channel(false);
-        let transport = self.config.transport;
         let grace = self.config.shutdown_grace;
         let service = Arc::new(Service::new(self.raft, self.sink, &self.config));
-        let (local_addr, task) = match transport {
-            #[cfg(feature = "grpc")]
-            Transport::Grpc => {
-                let listener = tokio::net::TcpListener::bind(addr).await.map_err(bind_err)?;
-                let local_addr = listener.local_addr().map_err(bind_err)?;
-                let serve = crate::grpc::serve(service.clone(), self.config, listener, rx);
-                (local_addr, tokio::spawn(serve))
+        let mut addrs = Vec::new();
+        let mut tasks = Vec::new();
+        for (transport, local_addr, socket) in sockets {
+            let task = match socket {
+                #[cfg(feature = "grpc")]
+                Socket::Tcp(listener) => tokio::spawn(crate::grpc::serve(
+                    service.clone(),
+                    self.config.clone(),
+                    listener,
+                    rx.clone(),
+                )),
+                #[cfg(feature = "quic")]
+                Socket::Udp(socket) => tokio::spawn(crate::quic::serve(
+                    service.clone(),
+                    self.config.clone(),
+                    socket,
+                    rx.clone(),
+                )),
+            };
+            if transport_is_plaintext {
+                tracing::warn!(%local_addr, "raftwire server runs PLAINTEXT: callers are not authenticated, traffic is not encrypted");
             }
-            #[cfg(feature = "quic")]
-            Transport::Quic => {
-                let socket = crate::quic::udp_socket(addr, &self.config.quic).map_err(bind_err)?;
-                let local_addr = socket.local_addr().map_err(bind_err)?;
-                let serve = crate::quic::serve(service.clone(), self.config, socket, rx);
-                (local_addr, tokio::spawn(serve))
-            }
-        };
-        if transport_is_plaintext {
-            tracing::warn!(%local_addr, "raftwire server runs PLAINTEXT: callers are not authenticated, traffic is not encrypted");
+            tracing::info!(%local_addr, transport = transport.name(), "raftwire server listening");
+            addrs.push((transport, local_addr));
+            tasks.push(task);
         }
-        tracing::info!(%local_addr, transport = transport.name(), "raftwire server listening");
         Ok(Server {
-            local_addr,
+            addrs,
             shutdown: tx,
             grace,
-            task,
+            tasks,
             service,
         })
     }
+}
+
+/// A bound, not yet served, socket of one transport.
+enum Socket {
+    #[cfg(feature = "grpc")]
+    Tcp(tokio::net::TcpListener),
+    #[cfg(feature = "quic")]
+    Udp(std::net::UdpSocket),
+}
+
+/// Binds every transport: the first at its `listen` address or `addr`, the others at theirs
+/// or at `addr`'s IP with the first one's port.
+#[cfg_attr(not(feature = "quic"), allow(unused_variables))]
+fn bind_all(
+    transports: &[Transport],
+    addr: SocketAddr,
+    listen: &[(Transport, SocketAddr)],
+    config: &Config,
+) -> Result<Vec<(Transport, SocketAddr, Socket)>, ServerError> {
+    let mut bound: Vec<(Transport, SocketAddr, Socket)> = Vec::new();
+    for &transport in transports {
+        let at = match listen.iter().find(|(t, _)| *t == transport) {
+            Some((_, a)) => *a,
+            None => match bound.iter().find(|(t, _, _)| !listen.iter().any(|(l, _)| l == t)) {
+                // The port the first transport on `addr` got.
+                Some((_, first, _)) => SocketAddr::new(addr.ip(), first.port()),
+                None => addr,
+            },
+        };
+        let bind_err = |source| ServerError::Bind {
+            addr: at.to_string(),
+            source,
+        };
+        let (local, socket) = match transport {
+            #[cfg(feature = "grpc")]
+            Transport::Grpc => {
+                let std = std::net::TcpListener::bind(at).map_err(bind_err)?;
+                std.set_nonblocking(true).map_err(bind_err)?;
+                let listener = tokio::net::TcpListener::from_std(std).map_err(bind_err)?;
+                (listener.local_addr().map_err(bind_err)?, Socket::Tcp(listener))
+            }
+            #[cfg(feature = "quic")]
+            Transport::Quic => {
+                let socket = crate::quic::udp_socket(at, &config.quic).map_err(bind_err)?;
+                (socket.local_addr().map_err(bind_err)?, Socket::Udp(socket))
+            }
+        };
+        bound.push((transport, local, socket));
+    }
+    Ok(bound)
 }

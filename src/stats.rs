@@ -1,11 +1,14 @@
 //! Counters a factory keeps about its traffic, for observability and tests.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 
+use crate::config::Transport;
+
 /// A point-in-time copy of a factory's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NetworkStats {
     /// AppendEntries requests sent on replication streams (heartbeats included).
@@ -25,6 +28,10 @@ pub struct NetworkStats {
     /// Links in the factory's connection cache, each holding at most one connection (gRPC
     /// keeps up to 3 per peer: replication, heartbeats, snapshots; QUIC 1).
     pub links_cached: u64,
+    /// The transport each cached peer is on: with one transport, that one; with a preference
+    /// list, the transport the peer's last successful call or reply used (absent before the
+    /// first).
+    pub peer_transports: BTreeMap<u64, Transport>,
 }
 
 #[derive(Debug, Default)]
@@ -69,6 +76,7 @@ impl Stats {
             // Filled in by the factory, which owns the cache.
             peers_cached: 0,
             links_cached: 0,
+            peer_transports: BTreeMap::new(),
         }
     }
 }

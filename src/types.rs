@@ -64,10 +64,29 @@ impl<C> RaftWireConfig for C where
 {
 }
 
-/// How the factory finds a peer: the address its server listens on, as `host:port`.
+/// How the factory finds a peer: the address its server listens on, as `host:port`, and
+/// optionally which transports it serves.
+///
+/// A node type that knows what its node serves (written into the membership when the node
+/// joins) implements [`PeerAddr::transports`]: a factory then never tries a transport the
+/// peer does not serve. Without it, every transport of the factory's preference list is tried
+/// (in the background, at most once per
+/// [`fallback_backoff`](crate::ConfigBuilder::fallback_backoff) for one that failed).
 pub trait PeerAddr {
     /// The peer's listening address, `host:port`.
     fn peer_addr(&self) -> &str;
+
+    /// The transports the peer serves, if the node value says; `None` (the default): unknown.
+    fn transports(&self) -> Option<Vec<crate::Transport>> {
+        None
+    }
+
+    /// Where the peer serves `transport`. Default: [`PeerAddr::peer_addr`] (a server serves
+    /// all its transports on one port number: TCP for gRPC, UDP for QUIC).
+    fn transport_addr(&self, transport: crate::Transport) -> &str {
+        let _ = transport;
+        self.peer_addr()
+    }
 }
 
 impl PeerAddr for BasicNode {

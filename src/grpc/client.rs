@@ -316,6 +316,20 @@ impl<C: RaftWireConfig> Link<C> for Lane {
         })
     }
 
+    fn probe(&self, deadline: Duration) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async move {
+            let outcome = match tokio::time::timeout(deadline, self.channel()).await {
+                Ok(r) => r.map(|_| ()),
+                Err(_) => Err(TransportError::Connect {
+                    addr: self.addr.clone(),
+                    reason: format!("no connection within {deadline:?}"),
+                }),
+            };
+            self.dialer.observe(&outcome);
+            outcome
+        })
+    }
+
     fn open_snapshot<'s>(
         &'s self,
         vote: VoteOf<C>,

@@ -334,6 +334,18 @@ impl<C: RaftWireConfig> Link<C> for Lane {
         })
     }
 
+    fn probe(&self, deadline: Duration) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async move {
+            match tokio::time::timeout(deadline, self.connection()).await {
+                Ok(r) => r.map(|_| ()),
+                Err(_) => Err(TransportError::Connect {
+                    addr: self.addr.clone(),
+                    reason: format!("no connection within {deadline:?}"),
+                }),
+            }
+        })
+    }
+
     fn open_snapshot<'s>(
         &'s self,
         vote: VoteOf<C>,
