@@ -554,3 +554,19 @@ async fn a_transport_the_node_value_does_not_list_is_never_tried() {
     assert_eq!(stats.connects, 1, "one gRPC connection, no QUIC one: {stats:?}");
     node.stop().await.unwrap();
 }
+
+/// `raftwire demo --transport quic,grpc`: the whole demo (failover, snapshot catch-up) runs
+/// with every node serving both transports and preferring QUIC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_on_a_preference_list() {
+    let opts = demo::DemoOptions {
+        transports: Transport::parse_list("quic,grpc").unwrap(),
+        writes: 300,
+        concurrency: 8,
+        ..Default::default()
+    };
+    let report = demo::run(opts).await.unwrap();
+    assert!(report.ok);
+    assert_eq!(report.transport, "quic,grpc");
+    assert!(report.snapshot_installed);
+}
