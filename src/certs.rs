@@ -1,5 +1,6 @@
-//! Certificate tooling (rcgen): a cluster CA, node certificates that carry the node id, and
-//! inspection. Used by `raftwire certs`, the demo (which makes a throw-away CA) and tests.
+//! Certificate tooling (rcgen): a cluster CA, node certificates that carry the node id,
+//! client certificates that carry a client name, and inspection. Used by `raftwire certs`, the
+//! demo (which makes a throw-away CA) and tests.
 
 use std::fmt;
 use std::fs;
@@ -18,9 +19,12 @@ use rcgen::KeyUsagePurpose;
 use time::Duration;
 use time::OffsetDateTime;
 
+use crate::tls::ClientTls;
 use crate::tls::TlsConfig;
 use crate::tls::TlsError;
+use crate::tls::client_dns_name;
 use crate::tls::node_dns_name;
+use crate::tls::validate_client_name;
 
 /// Why certificates could not be made, read or written.
 #[derive(Debug, thiserror::Error)]
@@ -45,7 +49,7 @@ pub enum CertError {
     Tls(#[from] TlsError),
 }
 
-/// A cluster certificate authority: signs node certificates.
+/// A cluster certificate authority: signs node and client certificates.
 pub struct CertificateAuthority {
     cert_pem: String,
     key_pem: String,
@@ -77,6 +81,55 @@ impl fmt::Debug for NodeCertificate {
             .field("node_id", &self.node_id)
             .field("key_pem", &"<redacted>")
             .finish()
+    }
+}
+
+/// A client's certificate and private key, in PEM: the identity of an operator tool such as
+/// `raftwire ctl` ([`CertificateAuthority::issue_client`]). Load it with
+/// [`ClientTls::from_pem`].
+#[derive(Clone)]
+pub struct ClientCertificate {
+    name: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+impl fmt::Debug for ClientCertificate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientCertificate")
+            .field("name", &self.name)
+            .field("key_pem", &"<redacted>")
+            .finish()
+    }
+}
+
+impl ClientCertificate {
+    /// The client name the certificate carries (`ops` for `client-ops.raftwire`).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The private key, PEM (PKCS#8).
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// The file names `raftwire certs add-client` gives client `name`'s certificate and key:
+    /// `client-<name>.pem` and `client-<name>.key`.
+    pub fn file_names(name: &str) -> (String, String) {
+        (format!("client-{name}.pem"), format!("client-{name}.key"))
+    }
+
+    /// Writes `client-<name>.pem` and `client-<name>.key` (mode 0600) into `dir`.
+    pub fn write(&self, dir: &Path) -> Result<(), CertError> {
+        let (pem, key) = Self::file_names(&self.name);
+        write_file(&dir.join(pem), &self.cert_pem, false)?;
+        write_file(&dir.join(key), &self.key_pem, true)
     }
 }
 
@@ -186,6 +239,45 @@ impl CertificateAuthority {
         })
     }
 
+    /// Issues a certificate for the client `name` (an operator tool): the single DNS SAN
+    /// `client-<name>.raftwire` (its identity, and no other name), client authentication only.
+    /// `name` must pass [`validate_client_name`](crate::validate_client_name).
+    pub fn issue_client(&self, name: &str, validity: Validity) -> Result<ClientCertificate, CertError> {
+        validate_client_name(name)?;
+        let mut params = CertificateParams::new(vec![client_dns_name(name)])?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("raftwire client {name}"));
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "raftwire");
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now + validity.from;
+        params.not_after = now + validity.until;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(ClientCertificate {
+            name: name.to_string(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a certificate for the client `name` (default validity) and loads it as a client
+    /// identity trusting this CA.
+    pub fn client_tls(&self, name: &str) -> Result<ClientTls, CertError> {
+        let client = self.issue_client(name, Validity::default())?;
+        Ok(ClientTls::from_pem(
+            self.cert_pem.as_bytes(),
+            client.cert_pem.as_bytes(),
+            client.key_pem.as_bytes(),
+        )?)
+    }
+
     /// Issues a certificate for node `id` (default validity, no extra hosts) and loads it as a
     /// TLS identity trusting this CA.
     pub fn tls_config(&self, id: u64) -> Result<TlsConfig, CertError> {
@@ -263,8 +355,12 @@ pub struct CertificateInfo {
     /// Issuer distinguished name.
     pub issuer: String,
     /// The node id (from the `node-<id>.raftwire` SAN), if the certificate names exactly one
-    /// node and no wildcard: only then is it usable as a node certificate.
+    /// node, no client and no wildcard: only then is it usable as a node certificate.
     pub node_id: Option<u64>,
+    /// The client name (from the `client-<name>.raftwire` SAN), if the certificate names
+    /// exactly one client, no node and no wildcard: only then is it usable as a client
+    /// certificate.
+    pub client_name: Option<String>,
     /// Subject alternative names (DNS names and IP addresses).
     pub sans: Vec<String>,
     /// Start of validity (RFC 3339).
@@ -281,8 +377,8 @@ pub fn inspect(pem: &str) -> Result<CertificateInfo, CertError> {
         x509_parser::pem::parse_x509_pem(pem.as_bytes()).map_err(|e| CertError::Parse(e.to_string()))?;
     let cert = pem.parse_x509().map_err(|e| CertError::Parse(e.to_string()))?;
     let mut sans = Vec::new();
-    let node_id =
-        crate::tls::node_names(&rustls::pki_types::CertificateDer::from(pem.contents.as_slice())).exact();
+    let names = crate::tls::node_names(&rustls::pki_types::CertificateDer::from(pem.contents.as_slice()));
+    let (node_id, client_name) = (names.exact(), names.client().map(str::to_string));
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
             match name {
@@ -314,9 +410,70 @@ pub fn inspect(pem: &str) -> Result<CertificateInfo, CertError> {
         subject: cert.subject().to_string(),
         issuer: cert.issuer().to_string(),
         node_id,
+        client_name,
         sans,
         not_before: rfc3339(cert.validity().not_before),
         not_after: rfc3339(cert.validity().not_after),
         is_ca: cert.is_ca(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_certificate_names_one_client_for_client_authentication_only() {
+        let ca = CertificateAuthority::generate("certs unit test CA").unwrap();
+        let client = ca.issue_client("ops", Validity::default()).unwrap();
+        assert_eq!(client.name(), "ops");
+        assert_eq!(
+            ClientCertificate::file_names("ops"),
+            ("client-ops.pem".to_string(), "client-ops.key".to_string())
+        );
+
+        let info = inspect(client.cert_pem()).unwrap();
+        assert_eq!(info.client_name.as_deref(), Some("ops"), "{info:?}");
+        assert_eq!(info.node_id, None, "{info:?}");
+        assert_eq!(info.sans, ["DNS:client-ops.raftwire"], "{info:?}");
+        assert!(!info.is_ca, "{info:?}");
+        assert_eq!(info.issuer, inspect(ca.cert_pem()).unwrap().subject);
+
+        // Client authentication only: it cannot serve as a node's (server) certificate.
+        let (_, pem) = x509_parser::pem::parse_x509_pem(client.cert_pem().as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth, "{eku:?}");
+        assert!(eku.other.is_empty() && !eku.any, "{eku:?}");
+        assert!(!cert.is_ca());
+
+        // It loads as a client identity; the key is its own.
+        let tls = ClientTls::from_pem(
+            ca.cert_pem().as_bytes(),
+            client.cert_pem().as_bytes(),
+            client.key_pem().as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(tls.name(), "ops");
+        assert_eq!(ca.client_tls("ci-2").unwrap().name(), "ci-2");
+
+        // A node certificate inspects as a node, not a client.
+        let node = ca.issue(3, &[], Validity::default()).unwrap();
+        let info = inspect(&node.cert_pem).unwrap();
+        assert_eq!((info.node_id, info.client_name), (Some(3), None));
+    }
+
+    #[test]
+    fn client_names_are_checked_before_anything_is_issued() {
+        let ca = CertificateAuthority::generate("certs unit test CA").unwrap();
+        for bad in ["", "Ops", "-ops", "ops-", "a_b", "../etc", "ops.raftwire"] {
+            let err = ca.issue_client(bad, Validity::default()).unwrap_err();
+            assert!(
+                matches!(err, CertError::Tls(TlsError::ClientName { .. })),
+                "{bad:?}: {err:?}"
+            );
+            assert!(err.to_string().contains("invalid client name"), "{err}");
+            assert!(ca.client_tls(bad).is_err(), "{bad:?}");
+        }
+    }
 }

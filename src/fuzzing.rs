@@ -531,9 +531,10 @@ pub fn inspect_pem(pem: &[u8]) -> Checked {
     Ok(true)
 }
 
-/// Extracts node ids from `der` as a TLS peer's certificate (`peer_node_id`, the id list
-/// behind it) and inspects it wrapped in PEM. Both must agree on the node id, and every id
-/// must be named exactly as `node-<id>.raftwire`.
+/// Extracts node ids and client names from `der` as a TLS peer's certificate
+/// (`peer_node_id`, `peer_client_name`, the name lists behind them) and inspects it wrapped in
+/// PEM. Both must agree on the node id and the client name, a certificate is never both a
+/// node's and a client's, and every id must be named exactly as `node-<id>.raftwire`.
 pub fn inspect_der(der: &[u8]) -> Checked {
     let cert = CertificateDer::from(der);
     let names = tls::node_names(&cert);
@@ -542,6 +543,12 @@ pub fn inspect_der(der: &[u8]) -> Checked {
     if peer != names.exact() {
         return Err(violation(format_args!(
             "peer_node_id says {peer:?}, the certificate names {names}"
+        )));
+    }
+    let client = tls::peer_client_name(Some(std::slice::from_ref(&cert)));
+    if client.as_deref() != names.client() || (client.is_some() && peer.is_some()) {
+        return Err(violation(format_args!(
+            "peer_client_name says {client:?} and peer_node_id {peer:?}, the certificate names {names}"
         )));
     }
     let Ok(info) = crate::certs::inspect(&der_to_pem(der)) else {
@@ -556,6 +563,12 @@ pub fn inspect_der(der: &[u8]) -> Checked {
         return Err(violation(format_args!(
             "inspect says node {:?}, the TLS layer node {peer:?}",
             info.node_id
+        )));
+    }
+    if info.client_name != client {
+        return Err(violation(format_args!(
+            "inspect says client {:?}, the TLS layer client {client:?}",
+            info.client_name
         )));
     }
     for id in ids {

@@ -13,7 +13,8 @@
 //!   and bytes, with replies in order.
 //! - **Streamed snapshots** in chunks with bounded memory on both sides, cancellable.
 //! - **Mutual TLS** with node identity on both transports ([`TlsConfig`]); plaintext gRPC
-//!   only as an explicit, logged opt-in.
+//!   only as an explicit, logged opt-in. Operator tools hold client identities
+//!   ([`ClientTls`]), which the Raft listeners refuse.
 //!
 //! ## Feature flags
 //!
@@ -106,6 +107,7 @@ pub mod kv;
 pub use certs::CertError;
 pub use certs::CertificateAuthority;
 pub use certs::CertificateInfo;
+pub use certs::ClientCertificate;
 pub use certs::NodeCertificate;
 pub use certs::Validity;
 pub use certs::inspect as inspect_certificate;
@@ -131,9 +133,12 @@ pub use snapshot::SinkFuture;
 pub use snapshot::SnapshotData;
 pub use snapshot::SnapshotSink;
 pub use stats::NetworkStats;
+pub use tls::ClientTls;
 pub use tls::TlsConfig;
 pub use tls::TlsError;
+pub use tls::client_dns_name;
 pub use tls::node_dns_name;
+pub use tls::validate_client_name;
 pub use types::PeerAddr;
 pub use types::RaftWireConfig;
 pub use types::WireLeaderId;
