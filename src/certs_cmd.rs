@@ -1,8 +1,11 @@
-//! `raftwire certs`: makes a cluster CA and node certificates on disk, and inspects them.
+//! `raftwire certs`: makes a cluster CA, node and client certificates on disk, and inspects
+//! them.
 //!
-//! Every certificate issued here is checked before anything is written: it must chain to the
-//! CA for both server and client authentication as the node it names, and load as a TLS
-//! identity (key matches, exactly one node id).
+//! Every certificate issued here is checked before anything is written: a node certificate
+//! must chain to the CA for both server and client authentication as the node it names, and
+//! load as a TLS identity (key matches, exactly one node id); a client certificate must chain
+//! to the CA for client authentication and load as a client identity (key matches, exactly
+//! one client name, no node name).
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -13,6 +16,8 @@ use std::sync::Arc;
 use clap::Subcommand;
 use raftwire::CertificateAuthority;
 use raftwire::CertificateInfo;
+use raftwire::ClientCertificate;
+use raftwire::ClientTls;
 use raftwire::NodeCertificate;
 use raftwire::TlsConfig;
 use raftwire::Validity;
@@ -70,7 +75,30 @@ pub enum CertsCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Shows a certificate: subject, issuer, node id, SANs, validity, whether it is a CA.
+    /// Issues a client certificate (for an operator tool such as `raftwire ctl`) from the CA
+    /// in DIR (ca.pem, ca.key).
+    ///
+    /// The certificate names the client as DNS SAN client-<NAME>.raftwire and nothing else;
+    /// nodes accept it on their client API only, never for Raft. Writes client-<NAME>.pem and
+    /// client-<NAME>.key (mode 0600) into DIR.
+    AddClient {
+        /// The directory holding the CA; client-<NAME>.pem and client-<NAME>.key are written
+        /// there.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// The client's name: 1-63 characters of a-z, 0-9 and `-`, not starting or ending with
+        /// `-` (e.g. ops).
+        #[arg(long, value_name = "NAME")]
+        name: String,
+        /// How many days the certificate is valid.
+        #[arg(long, value_name = "N", default_value_t = 365, value_parser = days_parser())]
+        days: u32,
+        /// Replace an existing certificate and key for this client.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Shows a certificate: subject, issuer, role (node id or client name), SANs, validity,
+    /// whether it is a CA.
     Inspect {
         /// A PEM file; its first certificate is shown.
         file: PathBuf,
@@ -103,6 +131,12 @@ pub fn run(command: CertsCommand) -> ExitCode {
             days,
             force,
         } => add_node(&dir, node, &hosts, days, force),
+        CertsCommand::AddClient {
+            dir,
+            name,
+            days,
+            force,
+        } => add_client(&dir, &name, days, force),
         CertsCommand::Inspect { file, json } => inspect(&file, json),
     };
     match result {
@@ -139,10 +173,17 @@ fn check_hosts(hosts: &[String]) -> Result<(), String> {
         if host.trim().is_empty() {
             return Err("--hosts holds an empty name (check for a stray comma)".into());
         }
-        if host.starts_with("node-") && host.ends_with(".raftwire") {
+        let lower = host.to_ascii_lowercase();
+        if lower.starts_with("node-") && lower.ends_with(".raftwire") {
             return Err(format!(
                 "--hosts `{host}` looks like a node identity; identities are added per node and a \
                  certificate may name only one"
+            ));
+        }
+        if lower.starts_with("client-") && lower.ends_with(".raftwire") {
+            return Err(format!(
+                "--hosts `{host}` looks like a client identity; a node certificate may not name a \
+                 client (issue one with `raftwire certs add-client`)"
             ));
         }
     }
@@ -291,17 +332,21 @@ fn warn_stale(dir: &Path, fresh: &[u64]) {
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().into_string().ok())
         .filter(|name| {
-            name.strip_prefix("node-")
+            let stale_node = name
+                .strip_prefix("node-")
                 .and_then(|rest| rest.strip_suffix(".pem"))
                 .and_then(|id| id.parse::<u64>().ok())
-                .is_some_and(|id| !fresh.contains(&id))
+                .is_some_and(|id| !fresh.contains(&id));
+            let client = name.starts_with("client-") && name.ends_with(".pem");
+            stale_node || client
         })
         .collect();
     stale.sort();
     if !stale.is_empty() {
         eprintln!(
             "warning: {} still holds certificates from the replaced CA: {} (reissue them with \
-             `raftwire certs add-node --force`, or remove them)",
+             `raftwire certs add-node --force` / `raftwire certs add-client --force`, or remove \
+             them)",
             dir.display(),
             stale.join(", ")
         );
@@ -333,6 +378,78 @@ fn add_node(dir: &Path, id: u64, hosts: &[String], days: u32, force: bool) -> Re
     }
     let node = issue(&ca, id, hosts, days)?;
     write_node(dir, &node)
+}
+
+fn client_files(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let (pem, key) = ClientCertificate::file_names(name);
+    (dir.join(pem), dir.join(key))
+}
+
+fn add_client(dir: &Path, name: &str, days: u32, force: bool) -> Result<(), String> {
+    // The name becomes part of the file names: check it before it touches a path.
+    raftwire::validate_client_name(name).map_err(|e| format!("--name: {e}"))?;
+    if !dir.is_dir() {
+        return Err(format!(
+            "{} is not a directory; create a CA there first with `raftwire certs init --out {} --nodes ...`",
+            dir.display(),
+            dir.display()
+        ));
+    }
+    let ca = CertificateAuthority::read(dir)
+        .map_err(|e| format!("cannot load the CA from {}: {e}", dir.display()))?;
+    let (pem, key) = client_files(dir, name);
+    if !force {
+        for path in [&pem, &key] {
+            if occupied(path) {
+                return Err(format!(
+                    "{} already exists; refusing to overwrite it (pass --force to replace client \
+                     {name}'s certificate and key)",
+                    path.display()
+                ));
+            }
+        }
+    }
+    let client = ca
+        .issue_client(name, validity(days))
+        .map_err(|e| format!("cannot issue a certificate for client {name}: {e}"))?;
+    verify_client(&ca, &client)
+        .map_err(|e| format!("the certificate issued for client {name} does not verify: {e}"))?;
+    client
+        .write(dir)
+        .map_err(|e| format!("cannot write client {name}'s files: {e}"))?;
+    let described = match raftwire::inspect_certificate(client.cert_pem()) {
+        Ok(info) => format!(
+            "client {name} certificate: {}; valid until {}",
+            info.sans.join(", "),
+            info.not_after
+        ),
+        Err(_) => format!("client {name} certificate"),
+    };
+    wrote(&pem, &described);
+    wrote(&key, &format!("client {name} private key, mode 0600"));
+    Ok(())
+}
+
+/// A client certificate must chain to the CA as a client and load as a client identity.
+fn verify_client(ca: &CertificateAuthority, client: &ClientCertificate) -> Result<(), String> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let ca_der =
+        CertificateDer::from_pem_slice(ca.cert_pem().as_bytes()).map_err(|e| format!("ca.pem: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca_der).map_err(|e| format!("ca.pem: {e}"))?;
+    let cert = CertificateDer::from_pem_slice(client.cert_pem().as_bytes()).map_err(|e| e.to_string())?;
+    rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| e.to_string())?
+        .verify_client_cert(&cert, &[], UnixTime::now())
+        .map_err(|e| format!("as a client: {e} (does ca.key belong to ca.pem?)"))?;
+    ClientTls::from_pem(
+        ca.cert_pem().as_bytes(),
+        client.cert_pem().as_bytes(),
+        client.key_pem().as_bytes(),
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(())
 }
 
 fn inspect(file: &Path, json: bool) -> Result<(), String> {
@@ -383,6 +500,12 @@ fn print_info(file: &Path, info: &CertificateInfo, status: String) {
     let node = info
         .node_id
         .map_or_else(|| "none".to_string(), |id| id.to_string());
+    let role = match (&info.client_name, info.node_id, info.is_ca) {
+        (_, Some(id), _) => format!("node {id} (speaks Raft)"),
+        (Some(name), None, _) => format!("client {name} (client API only, never Raft)"),
+        (None, None, true) => "CA".to_string(),
+        (None, None, false) => "none (names no single node or client)".to_string(),
+    };
     let sans = if info.sans.is_empty() {
         "none".to_string()
     } else {
@@ -391,6 +514,7 @@ fn print_info(file: &Path, info: &CertificateInfo, status: String) {
     println!("file        {}", file.display());
     println!("subject     {}", info.subject);
     println!("issuer      {}", info.issuer);
+    println!("role        {role}");
     println!("node id     {node}");
     println!("SANs        {sans}");
     println!("not before  {}", info.not_before);

@@ -1,5 +1,5 @@
 //! The `raftwire` command line: `raftwire demo` runs a whole cluster lifecycle on loopback;
-//! `raftwire certs` makes and inspects the cluster CA and node certificates.
+//! `raftwire certs` makes and inspects the cluster CA, node and client certificates.
 
 mod certs_cmd;
 
@@ -58,7 +58,7 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Makes and inspects certificates for mutual TLS: a cluster CA and node certificates.
+    /// Makes and inspects certificates for mutual TLS: a cluster CA, node and client certificates.
     Certs {
         #[command(subcommand)]
         command: certs_cmd::CertsCommand,

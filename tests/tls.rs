@@ -25,6 +25,7 @@ use openraft::network::RaftNetworkV2;
 use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use raftwire::CertificateAuthority;
+use raftwire::ClientTls;
 use raftwire::Config;
 use raftwire::NodeCertificate;
 use raftwire::TlsConfig;
@@ -519,6 +520,14 @@ fn debug_output_never_contains_a_key() {
         node.key_pem.as_bytes(),
     )
     .unwrap();
+    let client_cert = ca.issue_client("ops", Validity::default()).unwrap();
+    let client_key = client_cert.key_pem().to_string();
+    let client = ClientTls::from_pem(
+        ca.cert_pem().as_bytes(),
+        client_cert.cert_pem().as_bytes(),
+        client_key.as_bytes(),
+    )
+    .unwrap();
     let debugs = [
         ("TlsConfig", format!("{tls:?}"), &node.key_pem),
         ("TlsConfig (alternate)", format!("{tls:#?}"), &node.key_pem),
@@ -526,6 +535,9 @@ fn debug_output_never_contains_a_key() {
         ("NodeCertificate (alternate)", format!("{node:#?}"), &node.key_pem),
         ("CertificateAuthority", format!("{ca:?}"), &ca_key),
         ("CertificateAuthority (alternate)", format!("{ca:#?}"), &ca_key),
+        ("ClientTls", format!("{client:?}"), &client_key),
+        ("ClientTls (alternate)", format!("{client:#?}"), &client_key),
+        ("ClientCertificate", format!("{client_cert:?}"), &client_key),
     ];
     for (what, debug, key) in &debugs {
         assert_no_key(what, debug, key);
@@ -817,16 +829,30 @@ fn raw_client_crypto(
     ca: &CertificateAuthority,
     cert: &NodeCertificate,
 ) -> rustls::ClientConfig {
+    raw_client_crypto_pem(transport, ca, Some((&cert.cert_pem, &cert.key_pem)))
+}
+
+/// A raw client trusting `ca` and presenting the certificate and key `identity` (PEM), or no
+/// certificate at all.
+fn raw_client_crypto_pem(
+    transport: Transport,
+    ca: &CertificateAuthority,
+    identity: Option<(&str, &str)>,
+) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for c in der_chain(ca.cert_pem()) {
         roots.add(c).unwrap();
     }
-    let mut crypto = rustls::ClientConfig::builder_with_provider(provider())
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(der_chain(&cert.cert_pem), der_key(&cert.key_pem))
-        .unwrap();
+        .with_root_certificates(roots);
+    let mut crypto = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(der_chain(cert), der_key(key))
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
     crypto.alpn_protocols = vec![alpn(transport)];
     crypto
 }
@@ -1074,4 +1100,291 @@ async fn quic_refusals_do_not_disclose_the_allow_list_or_the_clock() {
         assert!(line.contains("WARN"), "{what}: {line}");
     }
     server.stop().await.unwrap();
+}
+
+// ---- Client identities: client certificates speak no Raft. ----
+
+/// Every Raft RPC: its gRPC method and the QUIC frame kind that opens its stream.
+const RAFT_RPCS: [(&str, u8); 6] = [
+    ("Vote", 1),
+    ("PreVote", 2),
+    ("AppendEntries", 4),
+    ("StreamAppend", 6),
+    ("InstallSnapshot", 8),
+    ("TransferLeader", 11),
+];
+
+/// One raw Raft RPC `rpc` to node `target` at `addr` over `crypto`, with an empty message:
+/// `Ok` with what the server answered (any answer, an error included), or `Err` with how the
+/// connection was refused (the TLS alert). Panics if neither comes within 3 s.
+async fn raw_rpc(
+    transport: Transport,
+    crypto: rustls::ClientConfig,
+    addr: SocketAddr,
+    target: u64,
+    rpc: (&str, u8),
+) -> Result<String, String> {
+    let attempt = async {
+        if transport.name() == "grpc" {
+            grpc_rpc(crypto, addr, target, rpc.0).await
+        } else {
+            quic_rpc(crypto, addr, target, rpc.1).await
+        }
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(3), attempt)
+        .await
+        .unwrap_or_else(|_| panic!("{transport:?} {}: neither an answer nor a refusal", rpc.0));
+    eprintln!("{transport:?} {}: {outcome:?}", rpc.0);
+    outcome
+}
+
+#[cfg(not(feature = "grpc"))]
+async fn grpc_rpc(_: rustls::ClientConfig, _: SocketAddr, _: u64, _: &str) -> Result<String, String> {
+    panic!("gRPC is not compiled in")
+}
+
+/// A gRPC call of `method` carrying one empty message, over HTTP/2 on a raw TLS connection.
+#[cfg(feature = "grpc")]
+async fn grpc_rpc(
+    crypto: rustls::ClientConfig,
+    addr: SocketAddr,
+    target: u64,
+    method: &str,
+) -> Result<String, String> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(crypto));
+    let name = rustls::pki_types::ServerName::try_from(raftwire::node_dns_name(target)).unwrap();
+    let tls = connector.connect(name, tcp).await.map_err(|e| e.to_string())?;
+    let (mut send, conn) = h2::client::handshake(tls).await.map_err(|e| e.to_string())?;
+    let conn = tokio::spawn(conn);
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!(
+            "https://{}/raftwire.v1.Raft/{method}",
+            raftwire::node_dns_name(target)
+        ))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    let call = async {
+        let (response, mut body) = send.send_request(request, false)?;
+        // One gRPC message of length 0: not compressed, a u32 length.
+        body.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 0]), true)?;
+        response.await
+    };
+    match call.await {
+        Ok(response) => Ok(format!(
+            "HTTP {}, grpc-status {:?}",
+            response.status(),
+            response.headers().get("grpc-status")
+        )),
+        // The connection's own error carries the server's alert.
+        Err(e) => Err(match conn.await {
+            Ok(Err(conn)) => format!("{e}; connection: {conn}"),
+            _ => e.to_string(),
+        }),
+    }
+}
+
+#[cfg(not(feature = "quic"))]
+async fn quic_rpc(_: rustls::ClientConfig, _: SocketAddr, _: u64, _: u8) -> Result<String, String> {
+    panic!("QUIC is not compiled in")
+}
+
+/// A QUIC stream opened with an empty frame of `kind`, over a raw QUIC connection.
+#[cfg(feature = "quic")]
+async fn quic_rpc(
+    crypto: rustls::ClientConfig,
+    addr: SocketAddr,
+    target: u64,
+    kind: u8,
+) -> Result<String, String> {
+    // How a connection closed: a TLS alert by name, anything else as quinn says it.
+    fn closed(e: quinn::ConnectionError) -> String {
+        match e {
+            quinn::ConnectionError::ConnectionClosed(close)
+                if (0x100..0x200).contains(&u64::from(close.error_code)) =>
+            {
+                let alert = rustls::AlertDescription::from((u64::from(close.error_code) - 0x100) as u8);
+                format!("TLS alert {alert:?}: {}", String::from_utf8_lossy(&close.reason))
+            }
+            other => other.to_string(),
+        }
+    }
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto).unwrap();
+    let endpoint = quinn::Endpoint::client(loopback()).unwrap();
+    let connecting = endpoint
+        .connect_with(
+            quinn::ClientConfig::new(Arc::new(crypto)),
+            addr,
+            &raftwire::node_dns_name(target),
+        )
+        .unwrap();
+    let conn = connecting.await.map_err(closed)?;
+    // An 18-byte header: magic, version 1, kind, no flags, body length 0, request id 0.
+    let mut frame = b"RW\x01".to_vec();
+    frame.push(kind);
+    frame.extend_from_slice(&[0; 14]);
+    let call = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(&frame).await.map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        recv.read_to_end(1 << 20).await.map_err(|e| e.to_string())
+    };
+    match call.await {
+        Ok(answer) if !answer.is_empty() => Ok(format!("{} bytes", answer.len())),
+        Ok(_) => Err("the stream ended without an answer".into()),
+        Err(e) => Err(format!("{e}; connection: {}", closed(conn.closed().await))),
+    }
+}
+
+/// A client certificate is refused on every Raft RPC on every transport, at the handshake,
+/// and the server logs why; so is a client without a certificate. The control, a node
+/// certificate making the same calls, is answered (if only with an error about the empty
+/// message), so the refusal is the certificate's doing.
+#[tokio::test]
+async fn a_client_certificate_is_refused_on_every_raft_rpc() {
+    let (logs, _guard) = Logs::capture();
+    let ca = ca();
+    let valid = Validity::default();
+    let node = ca.issue(1, &[], valid).unwrap();
+    let ops = ca.issue_client("ops", valid).unwrap();
+    for transport in common::transports() {
+        let mut server = start(2, config(transport, identity(&ca, &ca, 2, valid))).await;
+        let addr = server.addr();
+        for rpc in RAFT_RPCS {
+            let what = format!("{transport:?} {}", rpc.0);
+            let control = raw_client_crypto(transport, &ca, &node);
+            let answer = raw_rpc(transport, control, addr, 2, rpc).await;
+            assert!(answer.is_ok(), "{what}: node 1 is not answered: {answer:?}");
+
+            logs.clear();
+            let client = raw_client_crypto_pem(transport, &ca, Some((ops.cert_pem(), ops.key_pem())));
+            let err = raw_rpc(transport, client, addr, 2, rpc)
+                .await
+                .expect_err(&format!("{what}: a client certificate is answered"));
+            assert!(err.contains("AccessDenied"), "{what}: {err}");
+            assert!(
+                !err.contains("client-ops"),
+                "{what}: the refusal discloses details: {err}"
+            );
+            let line = logs.line(&what, &["refusing a client"]).await;
+            assert!(
+                line.contains("WARN")
+                    && line.contains("a client certificate (client-ops.raftwire) may not speak Raft"),
+                "{what}: {line}"
+            );
+
+            let err = raw_rpc(
+                transport,
+                raw_client_crypto_pem(transport, &ca, None),
+                addr,
+                2,
+                rpc,
+            )
+            .await
+            .expect_err(&format!("{what}: a client without a certificate is answered"));
+            assert!(err.contains("CertificateRequired"), "{what}: {err}");
+        }
+        server.stop().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certs_add_client_issues_a_client_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("certs");
+    let d = dir.to_str().unwrap();
+    raftwire_ok(&["certs", "init", "--out", d, "--nodes", "1"]);
+
+    let stdout = raftwire_ok(&["certs", "add-client", "--dir", d, "--name", "ops", "--days", "30"]);
+    let (pem, key) = (dir.join("client-ops.pem"), dir.join("client-ops.key"));
+    assert!(
+        stdout.contains("client-ops.pem") && stdout.contains("client-ops.key"),
+        "{stdout}"
+    );
+    assert_eq!(mode(&key), 0o600);
+    assert_eq!(mode(&pem) & 0o077, 0o044, "certificates are readable");
+
+    let info = inspect_json(&pem);
+    assert_eq!(info["client_name"], "ops", "{info}");
+    assert_eq!(info["node_id"], serde_json::Value::Null, "{info}");
+    assert_eq!(
+        info["sans"],
+        serde_json::json!(["DNS:client-ops.raftwire"]),
+        "{info}"
+    );
+    assert_eq!(info["is_ca"], false, "{info}");
+    assert_eq!(
+        info["issuer"],
+        inspect_json(&dir.join("ca.pem"))["subject"],
+        "{info}"
+    );
+    let node_info = inspect_json(&dir.join("node-1.pem"));
+    assert_eq!(node_info["client_name"], serde_json::Value::Null, "{node_info}");
+    let table = raftwire_ok(&["certs", "inspect", pem.to_str().unwrap()]);
+    assert!(table.contains("role        client ops"), "{table}");
+    let table = raftwire_ok(&["certs", "inspect", dir.join("node-1.pem").to_str().unwrap()]);
+    assert!(table.contains("role        node 1"), "{table}");
+
+    // The files load as a client identity, and as no node identity.
+    let client = ClientTls::from_pem_files(dir.join("ca.pem"), &pem, &key).unwrap();
+    assert_eq!(client.name(), "ops");
+    let err = TlsConfig::from_pem_files(dir.join("ca.pem"), &pem, &key).unwrap_err();
+    assert!(matches!(err, TlsError::ClientNotNode(_)), "{err:?}");
+
+    // Not twice, unless forced.
+    let before = std::fs::read(&pem).unwrap();
+    let stderr = raftwire_fails(&["certs", "add-client", "--dir", d, "--name", "ops"]);
+    assert!(
+        stderr.contains("client-ops.pem") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read(&pem).unwrap(), before);
+    raftwire_ok(&["certs", "add-client", "--dir", d, "--name", "ops", "--force"]);
+    assert_ne!(std::fs::read(&pem).unwrap(), before, "--force reissues");
+    assert_eq!(mode(&key), 0o600);
+
+    // Bad names are refused before anything is written; so is a directory without a CA.
+    let listing = || {
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let files = listing();
+    for bad in ["Ops", "../ops", "-ops", "ops-", "", "a_b", &"a".repeat(64)] {
+        let name = format!("--name={bad}");
+        let stderr = raftwire_fails(&["certs", "add-client", "--dir", d, &name]);
+        assert!(stderr.contains("invalid client name"), "{bad:?}: {stderr}");
+    }
+    assert_eq!(listing(), files);
+    assert!(!tmp.path().join("client-ops.pem").exists());
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let stderr = raftwire_fails(&[
+        "certs",
+        "add-client",
+        "--dir",
+        empty.to_str().unwrap(),
+        "--name",
+        "ops",
+    ]);
+    assert!(stderr.contains("ca.pem"), "{stderr}");
+
+    // A node certificate may not carry a client's name.
+    let stderr = raftwire_fails(&[
+        "certs",
+        "add-node",
+        "--dir",
+        d,
+        "--node",
+        "2",
+        "--hosts",
+        "client-ops.raftwire",
+    ]);
+    assert!(stderr.contains("client identity"), "{stderr}");
 }
