@@ -133,7 +133,7 @@ impl Narrator {
     }
 
     fn progress(&self, done: u64, total: u64) {
-        if self.verbose && std::io::stderr().is_terminal() && (done % 250 == 0 || done == total) {
+        if self.verbose && std::io::stderr().is_terminal() && (done.is_multiple_of(250) || done == total) {
             let width = 40;
             let filled = (done * width / total.max(1)) as usize;
             eprint!(

@@ -249,10 +249,10 @@ pub(crate) fn handshake_refusal(e: &(dyn std::error::Error + 'static)) -> Option
             return Some(rustls_refusal(r));
         }
         #[cfg(feature = "quic")]
-        if let Some(r) = c.downcast_ref::<quinn::ConnectionError>() {
-            if let Some(reason) = crate::quic::refusal(r) {
-                return Some(reason);
-            }
+        if let Some(r) = c.downcast_ref::<quinn::ConnectionError>()
+            && let Some(reason) = crate::quic::refusal(r)
+        {
+            return Some(reason);
         }
         // `io::Error::source` skips the error it wraps: look at that one too.
         cur = match c.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {

@@ -2,6 +2,9 @@
 //! the tests and the benches. It passes openraft's storage test suite.
 //!
 //! [`KvNode`] runs one node: its `Raft`, a raftwire [`Server`] and [`NetworkFactory`].
+//! [`durable`] keeps the same store on disk.
+
+pub mod durable;
 
 use std::collections::BTreeMap;
 use std::fmt;

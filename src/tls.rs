@@ -841,13 +841,13 @@ impl ClientCertVerifier for NodeClientVerifier {
         let Some(id) = names.exact() else {
             return refuse(IdentityError::NotExact(names));
         };
-        if let Some(allowed) = &self.allowed {
-            if !allowed.contains(&id) {
-                return refuse(IdentityError::NotAllowed {
-                    id,
-                    allowed: allowed.clone(),
-                });
-            }
+        if let Some(allowed) = &self.allowed
+            && !allowed.contains(&id)
+        {
+            return refuse(IdentityError::NotAllowed {
+                id,
+                allowed: allowed.clone(),
+            });
         }
         Ok(verified)
     }
