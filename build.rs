@@ -1,8 +1,9 @@
-//! Compiles `proto/raftwire.proto` with the protoc binary vendored by `protoc-bin-vendored`,
+//! Compiles `proto/raftwire.proto` (and, for the application side, `proto/client.proto`) with the protoc binary vendored by `protoc-bin-vendored`,
 //! so no system protoc is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto/raftwire.proto");
+    println!("cargo:rerun-if-changed=proto/client.proto");
     if std::env::var_os("CARGO_FEATURE_GRPC").is_none() {
         return Ok(());
     }
@@ -14,5 +15,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .bytes(".raftwire.v1")
         .compile_protos(&["proto/raftwire.proto"], &["proto"])?;
+    // The client API of `raftwire node` (the application side).
+    if std::env::var_os("CARGO_FEATURE_APP").is_some() {
+        tonic_prost_build::configure()
+            .build_client(true)
+            .build_server(true)
+            .bytes(".raftwire.client.v1")
+            .compile_protos(&["proto/client.proto"], &["proto"])?;
+    }
     Ok(())
 }

@@ -316,10 +316,10 @@ where
         purpose: Purpose,
     ) -> Arc<dyn Link<C>> {
         if let [(transport, connector)] = &self.connectors[..] {
-            if connector.shares_purposes() {
-                if let Some(shared) = peer.links.values().next() {
-                    return shared.clone();
-                }
+            if connector.shares_purposes()
+                && let Some(shared) = peer.links.values().next()
+            {
+                return shared.clone();
             }
             return connector.link(node.transport_addr(*transport), target, purpose);
         }

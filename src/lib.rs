@@ -103,6 +103,8 @@ pub mod bench;
 pub mod demo;
 #[cfg(feature = "app")]
 pub mod kv;
+#[cfg(all(feature = "app", feature = "grpc"))]
+pub mod node;
 
 pub use certs::CertError;
 pub use certs::CertificateAuthority;

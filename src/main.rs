@@ -1,7 +1,12 @@
 //! The `raftwire` command line: `raftwire demo` runs a whole cluster lifecycle on loopback;
-//! `raftwire certs` makes and inspects the cluster CA, node and client certificates.
+//! `raftwire certs` makes and inspects the cluster CA, node and client certificates;
+//! `raftwire node` runs one node of a secured cluster on durable storage and `raftwire ctl`
+//! operates it.
 
 mod certs_cmd;
+// The client API of `node` and `ctl` is gRPC.
+#[cfg(feature = "grpc")]
+mod node_cmd;
 
 use std::process::ExitCode;
 
@@ -63,6 +68,12 @@ enum Command {
         #[command(subcommand)]
         command: certs_cmd::CertsCommand,
     },
+    /// Runs one node of a secured cluster on durable storage until SIGTERM or SIGINT.
+    #[cfg(feature = "grpc")]
+    Node(node_cmd::NodeArgs),
+    /// Operates a cluster through its nodes' client API.
+    #[cfg(feature = "grpc")]
+    Ctl(node_cmd::CtlArgs),
 }
 
 fn main() -> ExitCode {
@@ -87,6 +98,10 @@ fn main() -> ExitCode {
     };
     match command {
         Command::Certs { command } => certs_cmd::run(command),
+        #[cfg(feature = "grpc")]
+        Command::Node(args) => node_cmd::node(args, &runtime),
+        #[cfg(feature = "grpc")]
+        Command::Ctl(args) => node_cmd::ctl(args, &runtime),
         Command::Bench { quick, json } => {
             if !quick {
                 eprintln!("error: only `raftwire bench --quick` runs here; the full matrix is `cargo bench`");

@@ -458,8 +458,8 @@ impl TlsConfig {
     /// CA and connections without a certificate are refused; the reason is logged at WARN
     /// (`refusing a client certificate: ...`), the client learns only its class.
     /// [`peer_client_name`] names the caller of an accepted connection.
-    // Served by the client API listener (issue 9), which lands separately.
-    #[allow(dead_code)]
+    // Used by `raftwire node` and `raftwire ctl` (the application side).
+    #[cfg_attr(not(all(feature = "app", feature = "grpc")), allow(dead_code))]
     pub(crate) fn api_server_config(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
         let i = &self.inner;
         let verifier = ApiClientVerifier {
@@ -623,8 +623,8 @@ impl ClientTls {
     /// A client config presenting this client's certificate (TLS 1.3) and accepting a server
     /// whose certificate chains to the CA and names exactly one node, whichever: the client
     /// API may be reached at any node, and the name dialled plays no part.
-    // Served by the client API listener (issue 9), which lands separately.
-    #[allow(dead_code)]
+    // Used by `raftwire node` and `raftwire ctl` (the application side).
+    #[cfg_attr(not(all(feature = "app", feature = "grpc")), allow(dead_code))]
     pub(crate) fn client_config(&self, alpn: &[u8]) -> Result<rustls::ClientConfig, TlsError> {
         let i = &self.inner;
         let verifier = AnyNodeServerVerifier {
@@ -641,8 +641,8 @@ impl ClientTls {
 
     /// The server name (SNI) a client sends to the client API: a fixed name, since the
     /// verifier ignores it and a node serves one certificate.
-    // Served by the client API listener (issue 9), which lands separately.
-    #[allow(dead_code)]
+    // Used by `raftwire node` and `raftwire ctl` (the application side).
+    #[cfg_attr(not(all(feature = "app", feature = "grpc")), allow(dead_code))]
     pub(crate) fn server_name() -> ServerName<'static> {
         // A constant that is a valid DNS name (checked by a test).
         ServerName::try_from(API_SERVER_NAME).expect("the client API server name is a valid DNS name")
@@ -1021,8 +1021,8 @@ pub(crate) fn peer_node_id(certs: Option<&[CertificateDer<'_>]>) -> Option<u64> 
 /// The authenticated client name of a TLS peer on the client API, from its (already
 /// verified) certificate chain. `None` unless the certificate names exactly one client and no
 /// node (the API verifier refuses any other).
-// Used by the client API listener (issue 9), which lands separately.
-#[allow(dead_code)]
+// Used by `raftwire node` and `raftwire ctl` (the application side).
+#[cfg_attr(not(all(feature = "app", feature = "grpc")), allow(dead_code))]
 pub(crate) fn peer_client_name(certs: Option<&[CertificateDer<'_>]>) -> Option<String> {
     certs
         .and_then(|c| c.first())
