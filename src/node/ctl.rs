@@ -88,6 +88,8 @@ pub struct Ctl {
     channels: Arc<Mutex<BTreeMap<String, Channel>>>,
     /// Node id of each endpoint, as its status said.
     ids: Arc<Mutex<BTreeMap<u64, String>>>,
+    /// The endpoint that last served a leader-only request.
+    leader: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Ctl {
@@ -147,6 +149,7 @@ impl Ctl {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
             channels: Arc::default(),
             ids: Arc::default(),
+            leader: Arc::default(),
         })
     }
 
@@ -275,7 +278,7 @@ impl Ctl {
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let start = Instant::now();
-        let mut target: Option<String> = None;
+        let mut target: Option<String> = self.leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut last = String::new();
         while start.elapsed() < LEADER_PATIENCE {
             let endpoint = match target.take() {
@@ -297,8 +300,16 @@ impl Ctl {
                     continue;
                 }
             };
-            match tokio::time::timeout(REQUEST_TIMEOUT, op(client)).await {
-                Ok(Ok(reply)) => return Ok(reply.into_inner()),
+            let outcome = tokio::time::timeout(REQUEST_TIMEOUT, op(client)).await;
+            if !matches!(outcome, Ok(Ok(_))) {
+                // Ask the endpoints again unless a redirect names the leader.
+                *self.leader.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            }
+            match outcome {
+                Ok(Ok(reply)) => {
+                    *self.leader.lock().unwrap_or_else(|p| p.into_inner()) = Some(endpoint);
+                    return Ok(reply.into_inner());
+                }
                 Ok(Err(status)) if status.code() == Code::FailedPrecondition => {
                     let leader = status
                         .metadata()
