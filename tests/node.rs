@@ -4,263 +4,23 @@
 //! every transport.
 #![cfg(all(feature = "app", feature = "grpc"))]
 
-use std::path::PathBuf;
-use std::process::Child;
+mod common;
+
 use std::process::Command;
-use std::process::Output;
 use std::process::Stdio;
 use std::time::Duration;
-use std::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_raftwire");
-
-/// A port free on both TCP and UDP (so every transport can use it), and another for the API.
-fn free_ports() -> (u16, u16) {
-    loop {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        let Ok(udp) = std::net::UdpSocket::bind(("127.0.0.1", port)) else {
-            continue;
-        };
-        let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let api_port = api.local_addr().unwrap().port();
-        drop((tcp, udp, api));
-        return (port, api_port);
-    }
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).output().expect("raftwire runs")
-}
-
-/// The node processes of a test; killed (SIGKILL) when dropped, whatever happened.
-struct Bed {
-    dir: tempfile::TempDir,
-    transport: &'static str,
-    nodes: Vec<Node>,
-}
-
-struct Node {
-    id: u64,
-    raft: u16,
-    api: u16,
-    child: Option<Child>,
-}
-
-impl Drop for Bed {
-    fn drop(&mut self) {
-        for n in &mut self.nodes {
-            if let Some(mut c) = n.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-}
-
-impl Bed {
-    fn new(transport: &'static str, ids: &[u64]) -> Bed {
-        let dir = tempfile::tempdir().unwrap();
-        let certs = dir.path().join("certs");
-        let nodes: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-        let out = run(&[
-            "certs",
-            "init",
-            "--out",
-            certs.to_str().unwrap(),
-            "--nodes",
-            &nodes.join(","),
-            "--hosts",
-            "127.0.0.1",
-        ]);
-        assert!(
-            out.status.success(),
-            "certs init: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let out = run(&[
-            "certs",
-            "add-client",
-            "--dir",
-            certs.to_str().unwrap(),
-            "--name",
-            "ops",
-        ]);
-        assert!(
-            out.status.success(),
-            "certs add-client: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let nodes = ids
-            .iter()
-            .map(|&id| {
-                let (raft, api) = free_ports();
-                Node {
-                    id,
-                    raft,
-                    api,
-                    child: None,
-                }
-            })
-            .collect();
-        Bed {
-            dir,
-            transport,
-            nodes,
-        }
-    }
-
-    fn certs(&self) -> PathBuf {
-        self.dir.path().join("certs")
-    }
-
-    fn data(&self, id: u64) -> PathBuf {
-        self.dir.path().join(format!("data-{id}"))
-    }
-
-    fn node(&self, id: u64) -> &Node {
-        self.nodes.iter().find(|n| n.id == id).unwrap()
-    }
-
-    fn node_args(&self, id: u64) -> Vec<String> {
-        let n = self.node(id);
-        vec![
-            "node".into(),
-            "--id".into(),
-            id.to_string(),
-            "--listen".into(),
-            format!("127.0.0.1:{}", n.raft),
-            "--advertise".into(),
-            format!("127.0.0.1:{}", n.raft),
-            "--api-listen".into(),
-            format!("127.0.0.1:{}", n.api),
-            "--data-dir".into(),
-            self.data(id).display().to_string(),
-            "--certs".into(),
-            self.certs().display().to_string(),
-            "--transport".into(),
-            self.transport.into(),
-        ]
-    }
-
-    /// Starts node `id` and waits until its client API accepts connections.
-    fn start(&mut self, id: u64) {
-        let args = self.node_args(id);
-        let log = std::fs::File::create(self.dir.path().join(format!("node-{id}.log"))).unwrap();
-        let child = Command::new(BIN)
-            .args(&args)
-            .env("RAFTWIRE_LOG", "info,openraft=warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let api = self.node(id).api;
-        self.nodes.iter_mut().find(|n| n.id == id).unwrap().child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", api)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "node {id} did not start: {}",
-                self.log(id)
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn log(&self, id: u64) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log"))).unwrap_or_default()
-    }
-
-    fn signal(&mut self, id: u64, signal: &str) -> std::process::ExitStatus {
-        let n = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
-        let mut child = n.child.take().unwrap();
-        let status = Command::new("kill")
-            .args([signal, &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        child.wait().unwrap()
-    }
-
-    fn endpoints(&self) -> String {
-        let all: Vec<String> = self
-            .nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.api))
-            .collect();
-        all.join(",")
-    }
-
-    /// `raftwire ctl --json <args>`: the JSON object it printed, and whether it exited 0.
-    fn ctl(&self, args: &[&str]) -> (serde_json::Value, bool) {
-        let certs = self.certs();
-        let endpoints = self.endpoints();
-        let mut all = vec![
-            "ctl",
-            "--endpoints",
-            &endpoints,
-            "--certs",
-            certs.to_str().unwrap(),
-            "--client",
-            "ops",
-            "--json",
-        ];
-        all.extend_from_slice(args);
-        let out = run(&all);
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let value: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-            panic!(
-                "ctl {args:?}: not one JSON object ({e}): {stdout} / {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        (value, out.status.success())
-    }
-
-    fn ctl_ok(&self, args: &[&str]) -> serde_json::Value {
-        let (v, ok) = self.ctl(args);
-        assert!(ok, "ctl {args:?} failed: {v}");
-        v
-    }
-
-    /// Polls `ctl status` until `check` holds for the answering nodes.
-    fn await_status(
-        &self,
-        what: &str,
-        check: impl Fn(&[serde_json::Value]) -> bool,
-    ) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let (v, _) = self.ctl(&["status"]);
-            let nodes: Vec<serde_json::Value> = v["nodes"].as_array().cloned().unwrap_or_default();
-            let up: Vec<serde_json::Value> = nodes.into_iter().filter(|n| n.get("error").is_none()).collect();
-            if check(&up) {
-                return up;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{what}: not within 30 s; last status {v}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn leader(&self) -> u64 {
-        let up = self.await_status("a leader", |up| up.iter().any(|n| n["role"] == "leader"));
-        up.iter().find(|n| n["role"] == "leader").unwrap()["id"]
-            .as_u64()
-            .unwrap()
-    }
-}
+use common::procs::BIN;
+use common::procs::Bed;
 
 fn cluster_lifecycle(transport: &'static str) {
-    let mut bed = Bed::new(transport, &[1, 2, 3]);
+    let mut bed = Bed::new(transport, &[1, 2, 3], None);
     for id in [1, 2, 3] {
         bed.start(id);
     }
     bed.ctl_ok(&["init"]);
     for id in [2, 3] {
-        let addr = format!("127.0.0.1:{}", bed.node(id).raft);
+        let addr = bed.raft_addr(id);
         bed.ctl_ok(&["add-learner", &id.to_string(), &addr]);
     }
     bed.ctl_ok(&["promote", "2,3"]);
@@ -270,29 +30,21 @@ fn cluster_lifecycle(transport: &'static str) {
 
     // A load with the leader killed in the middle.
     let keys = bed.dir.path().join("keys.tsv");
-    let certs = bed.certs();
-    let endpoints = bed.endpoints();
-    let load = Command::new(BIN)
-        .args([
-            "ctl",
-            "--endpoints",
-            &endpoints,
-            "--certs",
-            certs.to_str().unwrap(),
-            "--client",
-            "ops",
-            "--json",
-        ])
-        .args([
-            "load",
-            "--writes",
-            "3000",
-            "--concurrency",
-            "16",
-            "--value-size",
-            "32",
-        ])
-        .args(["--keys-out", keys.to_str().unwrap()])
+    let load = bed
+        .ctl_command(
+            &bed.endpoints(),
+            &[
+                "load",
+                "--writes",
+                "3000",
+                "--concurrency",
+                "16",
+                "--value-size",
+                "32",
+                "--keys-out",
+                keys.to_str().unwrap(),
+            ],
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -310,12 +62,7 @@ fn cluster_lifecycle(transport: &'static str) {
 
     // The killed node restarts from its data directory and catches up.
     bed.start(old);
-    let up = bed.await_status("every node equal", |up| {
-        up.len() == 3
-            && up
-                .iter()
-                .all(|n| n["digest"] == up[0]["digest"] && n["applied"] == up[0]["applied"])
-    });
+    let up = bed.await_converged(&[1, 2, 3]);
     let keys_written = std::fs::read_to_string(&keys).unwrap();
     let acked: Vec<&str> = keys_written.lines().collect();
     assert_eq!(acked.len() as u64, report["acknowledged"].as_u64().unwrap());
@@ -355,7 +102,7 @@ fn quic_cluster_lifecycle() {
 /// Each start-up mistake ends with one line naming the problem and a non-zero status.
 #[test]
 fn start_up_errors_are_one_line_and_fail() {
-    let mut bed = Bed::new("grpc", &[1, 2]);
+    let mut bed = Bed::new("grpc", &[1, 2], None);
     let check = |args: Vec<String>, needle: &str| {
         let out = Command::new(BIN).args(&args).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -22,7 +22,7 @@ use crate::kv::KvRequest;
 pub const LEADER_KEY: &str = "raftwire-leader";
 
 /// How long a membership operation or a catching-up learner may take.
-const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the client API reads from a node's state machine, besides openraft's traits.
 pub trait KvState: Send + Sync + 'static {

@@ -24,6 +24,8 @@ use crate::tls::ClientTls;
 
 /// How long one request may take before it counts as failed (and a write is retried).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a membership change or a snapshot may take (a learner catching up included).
+const SLOW_REQUEST_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long a request keeps looking for a leader (elections, restarts) before giving up.
 const LEADER_PATIENCE: Duration = Duration::from_secs(30);
 
@@ -249,11 +251,14 @@ impl Ctl {
     async fn leader_endpoint(&self) -> Result<String, String> {
         let statuses = self.status().await;
         let mut last = String::from("no endpoint answered");
+        // The leader named at the highest term: a leader cut off from the others still
+        // names itself, at its old term.
         let leader = statuses
             .iter()
             .filter_map(|s| s.status.as_ref().ok())
-            .filter_map(|s| s.leader)
-            .max_by_key(|l| *l);
+            .filter_map(|s| s.leader.map(|l| (s.term, l)))
+            .max()
+            .map(|(_, l)| l);
         for s in &statuses {
             if let Err(e) = &s.status {
                 last = e.to_string();
@@ -272,7 +277,16 @@ impl Ctl {
 
     /// Runs `op` on the leader; follows redirects and waits out elections for up to
     /// `LEADER_PATIENCE`. Any other refusal is returned at once.
-    async fn on_leader<T, F, Fut>(&self, mut op: F) -> Result<T, CtlError>
+    async fn on_leader<T, F, Fut>(&self, op: F) -> Result<T, CtlError>
+    where
+        F: FnMut(ClientClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.on_leader_within(REQUEST_TIMEOUT, op).await
+    }
+
+    /// Like `on_leader`, each attempt bounded by `timeout`.
+    async fn on_leader_within<T, F, Fut>(&self, timeout: Duration, mut op: F) -> Result<T, CtlError>
     where
         F: FnMut(ClientClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -300,7 +314,7 @@ impl Ctl {
                     continue;
                 }
             };
-            let outcome = tokio::time::timeout(REQUEST_TIMEOUT, op(client)).await;
+            let outcome = tokio::time::timeout(timeout, op(client)).await;
             if !matches!(outcome, Ok(Ok(_))) {
                 // Ask the endpoints again unless a redirect names the leader.
                 *self.leader.lock().unwrap_or_else(|p| p.into_inner()) = None;
@@ -343,7 +357,7 @@ impl Ctl {
                 }
                 Err(_) => {
                     self.forget(&endpoint);
-                    last = format!("{endpoint}: no answer within {REQUEST_TIMEOUT:?}");
+                    last = format!("{endpoint}: no answer within {timeout:?}");
                 }
             }
         }
@@ -366,7 +380,7 @@ impl Ctl {
 
     /// Adds node `id` at `addr` (its Raft address) as a learner; returns once it caught up.
     pub async fn add_learner(&self, id: u64, addr: &str) -> Result<pb::MembershipReply, CtlError> {
-        self.on_leader(|mut c| {
+        self.on_leader_within(SLOW_REQUEST_TIMEOUT, |mut c| {
             let req = pb::AddLearnerRequest {
                 id,
                 addr: addr.to_string(),
@@ -378,7 +392,7 @@ impl Ctl {
 
     /// Makes the learners `ids` voters.
     pub async fn promote(&self, ids: &[u64]) -> Result<pb::MembershipReply, CtlError> {
-        self.on_leader(|mut c| {
+        self.on_leader_within(SLOW_REQUEST_TIMEOUT, |mut c| {
             let req = pb::PromoteRequest { ids: ids.to_vec() };
             async move { c.promote(req).await }
         })
@@ -400,9 +414,11 @@ impl Ctl {
 
     /// Builds a snapshot on the leader and purges its log; the index it covers.
     pub async fn snapshot(&self) -> Result<Option<u64>, CtlError> {
-        self.on_leader(|mut c| async move { c.snapshot(pb::SnapshotRequest {}).await })
-            .await
-            .map(|r| r.index)
+        self.on_leader_within(SLOW_REQUEST_TIMEOUT, |mut c| async move {
+            c.snapshot(pb::SnapshotRequest {}).await
+        })
+        .await
+        .map(|r| r.index)
     }
 
     /// Writes `key = value`; the log index of the write. Retried (same key and value) across

@@ -2,6 +2,8 @@
 #![allow(dead_code)]
 
 pub mod logs;
+#[cfg(feature = "grpc")]
+pub mod procs;
 pub mod relay;
 
 use std::collections::BTreeMap;
