@@ -6,7 +6,8 @@
 //! majority, the partition healed; a learner added after a snapshot purged the log; a node
 //! with a foreign CA's certificate refused; every acknowledged write readable and every node's
 //! digest equal. Needs root and network namespaces: skipped with a loud message otherwise.
-#![cfg(all(feature = "app", feature = "grpc"))]
+//! Runs when both transports are compiled (the default build), which covers each of them.
+#![cfg(all(feature = "app", feature = "grpc", feature = "quic"))]
 
 mod common;
 
@@ -156,7 +157,6 @@ fn grpc_across_namespaces() {
     multihost("grpc", 77);
 }
 
-#[cfg(feature = "quic")]
 #[test]
 fn quic_across_namespaces() {
     multihost("quic", 78);
