@@ -300,6 +300,8 @@ async fn crash_child_writes_until_killed() {
         log.save_committed(Some(log_id(term, next - 1))).await.unwrap();
         let to_apply = log.try_get_log_entries(applied + 1..next).await.unwrap();
         apply(&mut sm, to_apply).await.unwrap();
+        // Nobody is answered here: wait for the writer as an answer would.
+        sm.sync().await.unwrap();
         applied = next - 1;
         println!("applied {applied}");
     }
@@ -643,13 +645,13 @@ async fn a_learner_catches_up_by_snapshot_file_and_restarts_from_its_directory()
     // Restart the learner from its directory, on the same address: it resumes where it was
     // (before hearing from the leader) and follows new writes.
     let addr = n2.server.local_addr();
-    let applied_before = sm2.last_applied().unwrap();
+    let applied_before = sm2.last_applied();
     let data_before = sm2.dump().unwrap();
     drop(sm2);
     drop(n2.stop().await);
     let n2 = start_node(2, dir2.path(), &net, addr).await;
     let sm2 = n2.store.state_machine();
-    assert!(sm2.last_applied().unwrap() >= applied_before);
+    assert!(sm2.last_applied() >= applied_before);
     assert_eq!(sm2.dump().unwrap(), data_before);
     let resp = n1
         .raft
@@ -667,4 +669,71 @@ async fn a_learner_catches_up_by_snapshot_file_and_restarts_from_its_directory()
     assert_eq!(sm2.get("after").unwrap(), Some(Bytes::from_static(b"restart")));
     n2.stop().await;
     n1.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Throughput (a measurement, not a check: run it in release)
+
+/// Client writes per second on a one-node cluster over the given stores: `total` writes of
+/// 256-byte values to keys spread over 100,000, from `concurrency` writers.
+async fn writes_per_sec<SM>(log: impl RaftLogStorage<KvConfig>, sm: SM, total: u64, concurrency: u64) -> f64
+where
+    SM: RaftStateMachine<KvConfig>,
+    SM::SnapshotData: raftwire::SnapshotData,
+{
+    let net = common::Net::new(common::transports()[0]);
+    let network = NetworkFactory::<KvConfig, SM::SnapshotData>::new(1, net.config(1)).unwrap();
+    let raft = openraft::Raft::new(1, raftwire::demo::raft_config(), network, log, sm)
+        .await
+        .unwrap();
+    let node = BasicNode {
+        addr: "127.0.0.1:1".into(),
+    };
+    raft.initialize(BTreeMap::from([(1, node)])).await.unwrap();
+    raft.wait(Some(Duration::from_secs(10)))
+        .current_leader(1, "leader")
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let writers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                let mut i = w;
+                while i < total {
+                    let key = format!("key-{:06}", i.wrapping_mul(2_654_435_761) % 100_000);
+                    let value = Bytes::from(vec![i as u8; 256]);
+                    raft.client_write(KvRequest::Set { key, value }).await.unwrap();
+                    i += concurrency;
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap();
+    }
+    let rate = total as f64 / start.elapsed().as_secs_f64();
+    raft.shutdown().await.unwrap();
+    rate
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: cargo test --release --test durable -- --ignored --nocapture node_write_throughput"]
+async fn node_write_throughput() {
+    for concurrency in [1, 16, 256] {
+        let total = if concurrency == 1 { 2_000 } else { 20_000 };
+        let memory = writes_per_sec(
+            raftwire::kv::LogStore::default(),
+            raftwire::kv::StateMachine::default(),
+            total,
+            concurrency,
+        )
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let store = DurableStore::open(dir.path()).unwrap();
+        let durable = writes_per_sec(store.log_store(), store.state_machine(), total, concurrency).await;
+        println!(
+            "one node, {total} writes of 256 B, {concurrency} writers: in memory {memory:.0}/s, durable {durable:.0}/s"
+        );
+    }
 }

@@ -28,8 +28,13 @@
 //! - **The vote** is written the same way, and `save_vote` returns once it is on disk.
 //! - **The committed log id** rides along with the next durable commit (it needs no `fsync`
 //!   of its own: the state machine below is durable).
-//! - **Applying** entries writes the key-value changes, the applied log id and the membership
-//!   in one transaction, durable before `apply` returns (and so before a client hears back).
+//! - **Applying** works the same way: `apply` computes the answers against the state as
+//!   applied so far, queues the changes and returns; the state machine's writer thread
+//!   commits everything queued (the key-value changes, the applied log id and membership) in
+//!   one transaction with one `fsync`, and only then are the answers sent, so no client hears
+//!   of a write that is not on disk. (openraft calls `apply` with what was committed since its
+//!   last call, often one entry, and not again until it returns: a durable transaction per
+//!   call would apply one entry per `fsync`.)
 //! - **Snapshots** are files: built by streaming the key-value table (read in one consistent
 //!   read transaction while applying goes on) into a new file, received by writing each chunk
 //!   to a new file, never held whole in memory. A snapshot file is `fsync`ed and renamed into
@@ -40,6 +45,11 @@
 //! flushed, the last saved vote, and a state machine at least as new as every answer a client
 //! got. redb commits are atomic, so what is on disk is always the state after some prefix of
 //! the writes, never a torn one.
+//!
+//! Both writer threads stop when the last clone of their store is dropped, after writing what
+//! was queued; until then the data directory is in use ([`DurableError::InUse`]). openraft's
+//! tasks may hold clones for a moment after `Raft::shutdown` returns: a node restarted in the
+//! same process retries opening briefly.
 //!
 //! # Snapshot file format
 //!
