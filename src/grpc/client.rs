@@ -390,7 +390,10 @@ impl Upload<'_> {
                 reason: "snapshot call already ended".into(),
             });
         };
-        match call.await {
+        let outcome = call.await;
+        // Done: `Drop` must not wait on a finished handle (polling it again panics).
+        self.call = None;
+        match outcome {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(status)) => Err(self.lane.failed(rpc, status)),
             Err(join) => Err(TransportError::Broken {
