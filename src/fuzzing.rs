@@ -514,14 +514,15 @@ fn der_to_pem(der: &[u8]) -> String {
 }
 
 /// Runs `inspect_certificate` on `pem` (invalid UTF-8 replaced, as `raftwire certs inspect`
-/// does). A node id it reports must be one a DNS SAN names exactly as `node-<id>.raftwire`.
+/// does). A node id it reports must be one a DNS SAN names as `node-<id>.raftwire` (compared
+/// as DNS compares names, and as webpki matches them: ignoring ASCII case).
 pub fn inspect_pem(pem: &[u8]) -> Checked {
     let Ok(info) = crate::certs::inspect(&String::from_utf8_lossy(pem)) else {
         return Ok(false);
     };
     if let Some(id) = info.node_id {
         let san = format!("DNS:{}", tls::node_dns_name(id));
-        if !info.sans.contains(&san) {
+        if !info.sans.iter().any(|s| s.eq_ignore_ascii_case(&san)) {
             return Err(violation(format_args!(
                 "inspect reports node id {id}, but no SAN is {san} (SANs: {:?})",
                 info.sans
