@@ -37,6 +37,7 @@ use crate::error::ConfigError;
 use crate::link;
 use crate::link::Connector;
 use crate::link::Link;
+use crate::link::Metered;
 use crate::link::Purpose;
 use crate::route::Fallback;
 use crate::route::Route;
@@ -213,18 +214,18 @@ where
                 "raftwire client runs PLAINTEXT: peers are not authenticated, traffic is not encrypted"
             );
         }
-        let stats = Stats::default();
+        crate::stats::describe();
         let connectors = config
             .transports()
             .iter()
-            .map(|&t| (t, connector::<C>(t, &config, &stats)))
+            .map(|&t| (t, connector::<C>(t, &config)))
             .collect();
         Ok(NetworkFactory {
             local_id,
             config: Arc::new(config),
             connectors,
             peers: Arc::default(),
-            stats,
+            stats: Stats::default(),
             _types: PhantomData,
         })
     }
@@ -294,7 +295,6 @@ where
             purpose,
             config: self.config.clone(),
             link,
-            stats: self.stats.clone(),
             _types: PhantomData,
         }
     }
@@ -321,7 +321,7 @@ where
             {
                 return shared.clone();
             }
-            return connector.link(node.transport_addr(*transport), target, purpose);
+            return self.metered(connector.as_ref(), *transport, node, target, purpose);
         }
         let route = peer
             .route
@@ -355,12 +355,27 @@ where
                             .map(|(_, l)| l.clone())
                     })
                     .flatten();
-                let link = shared.unwrap_or_else(|| connector.link(node.transport_addr(t), target, purpose));
+                let link =
+                    shared.unwrap_or_else(|| self.metered(connector.as_ref(), t, node, target, purpose));
                 peer.by_transport.insert((t, purpose), link.clone());
                 link
             })
             .collect();
         Arc::new(Fallback::new(route, links))
+    }
+
+    /// `connector`'s link to `target`, with its calls recorded under the peer and transport.
+    fn metered(
+        &self,
+        connector: &dyn Connector<C>,
+        transport: Transport,
+        node: &C::Node,
+        target: u64,
+        purpose: Purpose,
+    ) -> Arc<dyn Link<C>> {
+        let stats = self.stats.for_peer(target, transport);
+        let link = connector.link(node.transport_addr(transport), target, purpose, stats.clone());
+        Arc::new(Metered::new(link, stats))
     }
 }
 
@@ -391,7 +406,6 @@ pub struct Network<C: RaftWireConfig, SD> {
     purpose: Purpose,
     config: Arc<Config>,
     link: Arc<dyn Link<C>>,
-    stats: Stats,
     _types: PhantomData<fn() -> (C, SD)>,
 }
 
@@ -469,7 +483,6 @@ where
             snapshot.snapshot,
             chunk,
             idle,
-            &self.stats,
         );
         // Cancelling drops the upload, which aborts the transfer at the receiver.
         tokio::select! {
@@ -507,15 +520,11 @@ where
 }
 
 /// The client side of `transport`: the one place the factory looks at which transports exist.
-fn connector<C: RaftWireConfig>(
-    transport: Transport,
-    config: &Config,
-    stats: &Stats,
-) -> Arc<dyn Connector<C>> {
+fn connector<C: RaftWireConfig>(transport: Transport, config: &Config) -> Arc<dyn Connector<C>> {
     match transport {
         #[cfg(feature = "grpc")]
-        Transport::Grpc => Arc::new(grpc::Connector::new(config, stats.clone())),
+        Transport::Grpc => Arc::new(grpc::Connector::new(config)),
         #[cfg(feature = "quic")]
-        Transport::Quic => Arc::new(quic::Connector::new(config, stats.clone())),
+        Transport::Quic => Arc::new(quic::Connector::new(config)),
     }
 }

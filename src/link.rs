@@ -31,6 +31,7 @@ use crate::error::TransportError;
 use crate::snapshot::Digest;
 use crate::snapshot::SnapshotData;
 use crate::snapshot::Trailer;
+use crate::stats::RpcKind;
 use crate::stats::Stats;
 use crate::types::RaftWireConfig;
 
@@ -42,6 +43,16 @@ pub(crate) enum Purpose {
     Replication,
     Heartbeat,
     Snapshot,
+}
+
+impl Purpose {
+    /// What the metrics call the requests of a replication stream for this purpose.
+    pub(crate) fn stream_kind(self) -> RpcKind {
+        match self {
+            Purpose::Heartbeat => RpcKind::Heartbeat,
+            Purpose::Replication | Purpose::Snapshot => RpcKind::Append,
+        }
+    }
 }
 
 /// The replies of one pipelined replication session.
@@ -61,9 +72,9 @@ where
 
 /// A transport's client side, made once per factory.
 pub(crate) trait Connector<C: RaftWireConfig>: Send + Sync + 'static {
-    /// A link to `target` at `addr` for `purpose`. Must not connect: connections are made on
-    /// first use.
-    fn link(&self, addr: &str, target: u64, purpose: Purpose) -> Arc<dyn Link<C>>;
+    /// A link to `target` at `addr` for `purpose`, recording through `stats` (made for this
+    /// peer and transport). Must not connect: connections are made on first use.
+    fn link(&self, addr: &str, target: u64, purpose: Purpose, stats: Stats) -> Arc<dyn Link<C>>;
 
     /// Whether one link carries every purpose (so the factory shares it across purposes).
     fn shares_purposes(&self) -> bool;
@@ -141,7 +152,6 @@ pub(crate) async fn send_snapshot<C, SD>(
     mut data: SD,
     chunk_size: usize,
     idle: Duration,
-    stats: &Stats,
 ) -> Result<SnapshotResponse<C>, TransportError>
 where
     C: RaftWireConfig,
@@ -165,15 +175,160 @@ where
             break;
         };
         digest.update(&chunk);
-        let n = chunk.len();
         tokio::time::timeout(idle, upload.send(chunk))
             .await
             .map_err(timeout)??;
-        stats.record_snapshot_bytes(n);
     }
-    let resp = tokio::time::timeout(idle, upload.finish(digest.trailer()))
+    tokio::time::timeout(idle, upload.finish(digest.trailer()))
         .await
-        .map_err(timeout)??;
-    stats.record_snapshot_sent();
-    Ok(resp)
+        .map_err(timeout)?
+}
+
+/// A transport's link, with every call's outcome and round trip recorded in `stats` (made for
+/// its peer and transport): the one place that records unary calls and snapshot transfers
+/// (replication streams are recorded by the pipeline, which sees each reply).
+pub(crate) struct Metered<C: RaftWireConfig> {
+    inner: Arc<dyn Link<C>>,
+    stats: Stats,
+}
+
+impl<C: RaftWireConfig> Metered<C> {
+    pub(crate) fn new(inner: Arc<dyn Link<C>>, stats: Stats) -> Self {
+        Metered { inner, stats }
+    }
+
+    async fn timed<T>(
+        &self,
+        kind: RpcKind,
+        call: BoxFuture<'_, Result<T, TransportError>>,
+    ) -> Result<T, TransportError> {
+        let started = std::time::Instant::now();
+        let outcome = call.await;
+        self.stats.record_rpc(kind, &outcome, started.elapsed());
+        outcome
+    }
+}
+
+impl<C: RaftWireConfig> Link<C> for Metered<C> {
+    fn vote(
+        &self,
+        req: VoteRequest<C>,
+        pre_vote: bool,
+        deadline: Duration,
+    ) -> BoxFuture<'_, Result<VoteResponse<C>, TransportError>> {
+        let kind = if pre_vote { RpcKind::PreVote } else { RpcKind::Vote };
+        Box::pin(self.timed(kind, self.inner.vote(req, pre_vote, deadline)))
+    }
+
+    fn append(
+        &self,
+        req: AppendEntriesRequest<C>,
+        deadline: Duration,
+    ) -> BoxFuture<'_, Result<AppendEntriesResponse<C>, TransportError>> {
+        Box::pin(self.timed(RpcKind::Append, self.inner.append(req, deadline)))
+    }
+
+    fn transfer_leader(
+        &self,
+        req: TransferLeaderRequest<C>,
+        deadline: Duration,
+    ) -> BoxFuture<'_, Result<TransferLeaderResponse<C>, TransportError>> {
+        Box::pin(self.timed(RpcKind::TransferLeader, self.inner.transfer_leader(req, deadline)))
+    }
+
+    fn stream_append<'s>(
+        &'s self,
+        input: BoxStream<'static, AppendEntriesRequest<C>>,
+        config: &'s Config,
+        deadline: Duration,
+        purpose: Purpose,
+    ) -> BoxFuture<'s, Result<Replies<'s, C>, TransportError>> {
+        Box::pin(async move {
+            let opened = self.inner.stream_append(input, config, deadline, purpose).await;
+            if let Err(e) = &opened {
+                self.stats.record_error(purpose.stream_kind(), e);
+            }
+            opened
+        })
+    }
+
+    fn probe(&self, deadline: Duration) -> BoxFuture<'_, Result<(), TransportError>> {
+        self.inner.probe(deadline)
+    }
+
+    fn open_snapshot<'s>(
+        &'s self,
+        vote: VoteOf<C>,
+        meta: SnapshotMetaOf<C>,
+    ) -> BoxFuture<'s, Result<Box<dyn SnapshotUpload<C> + 's>, TransportError>> {
+        Box::pin(async move {
+            let started = std::time::Instant::now();
+            match self.inner.open_snapshot(vote, meta).await {
+                Ok(inner) => {
+                    let upload: Box<dyn SnapshotUpload<C> + 's> = Box::new(MeteredUpload {
+                        inner,
+                        stats: &self.stats,
+                        started,
+                        done: false,
+                    });
+                    Ok(upload)
+                }
+                Err(e) => {
+                    self.stats.record_error(RpcKind::Snapshot, &e);
+                    Err(e)
+                }
+            }
+        })
+    }
+}
+
+/// A snapshot upload that records the bytes it sends and how the transfer ended: completed,
+/// failed, or abandoned (dropped before its answer: cancelled or timed out by the caller).
+struct MeteredUpload<'s, C: RaftWireConfig> {
+    inner: Box<dyn SnapshotUpload<C> + 's>,
+    stats: &'s Stats,
+    started: std::time::Instant,
+    /// Whether the outcome is recorded.
+    done: bool,
+}
+
+impl<C: RaftWireConfig> SnapshotUpload<C> for MeteredUpload<'_, C> {
+    fn send(&mut self, data: Bytes) -> BoxFuture<'_, Result<(), TransportError>> {
+        Box::pin(async move {
+            let n = data.len();
+            let sent = self.inner.send(data).await;
+            match &sent {
+                Ok(()) => self.stats.record_snapshot_bytes(n),
+                Err(e) if !self.done => {
+                    self.done = true;
+                    self.stats.record_error(RpcKind::Snapshot, e);
+                }
+                Err(_) => {}
+            }
+            sent
+        })
+    }
+
+    fn finish(&mut self, trailer: Trailer) -> BoxFuture<'_, Result<SnapshotResponse<C>, TransportError>> {
+        Box::pin(async move {
+            let answer = self.inner.finish(trailer).await;
+            if !self.done {
+                self.done = true;
+                let took = self.started.elapsed();
+                self.stats.record_rpc(RpcKind::Snapshot, &answer, took);
+                if answer.is_ok() {
+                    self.stats.record_snapshot_sent(took);
+                }
+            }
+            answer
+        })
+    }
+}
+
+impl<C: RaftWireConfig> Drop for MeteredUpload<'_, C> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.stats.record_failure(RpcKind::Snapshot, "abandoned");
+        }
+    }
 }

@@ -41,6 +41,10 @@ pub struct NodeArgs {
     /// Transport, or a preference list such as `quic,grpc`.
     #[arg(long, default_value = "grpc")]
     transport: String,
+    /// Serve Prometheus metrics (the network's and openraft's) at http://ADDR/metrics, plain
+    /// HTTP: bind it where only your monitoring reaches.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 /// Runs a node until SIGTERM or SIGINT; exit status 0 after a clean stop.
@@ -64,10 +68,19 @@ pub fn node(args: NodeArgs, runtime: &tokio::runtime::Runtime) -> ExitCode {
         data_dir: args.data_dir,
         certs: args.certs,
         transports,
+        metrics_listen: args.metrics_listen,
     };
-    let result = runtime.block_on(raftwire::node::run(opts, stop_signal(), |raft, api| {
-        let raft: Vec<String> = raft.iter().map(|(t, a)| format!("{t} {a}")).collect();
-        eprintln!("serving raft on {} and the client API on {api}", raft.join(", "));
+    let result = runtime.block_on(raftwire::node::run(opts, stop_signal(), |serving| {
+        let raft: Vec<String> = serving.raft.iter().map(|(t, a)| format!("{t} {a}")).collect();
+        let metrics = match serving.metrics {
+            Some(addr) => format!(", metrics on http://{addr}/metrics"),
+            None => String::new(),
+        };
+        eprintln!(
+            "serving raft on {} and the client API on {}{metrics}",
+            raft.join(", "),
+            serving.api
+        );
     }));
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -23,6 +23,7 @@ use openraft::raft::StreamAppendResult;
 use tokio::time::Instant;
 
 use crate::error::TransportError;
+use crate::stats::RpcKind;
 use crate::stats::Stats;
 use crate::types::RaftWireConfig;
 
@@ -94,9 +95,9 @@ struct State<'s, C: RaftWireConfig, S, K, R> {
     /// sent one request and expects at most one reply to it).
     split: VecDeque<(AppendEntriesRequest<C>, bool)>,
     replies: R,
-    /// Encoded sizes of the requests awaiting a reply, oldest first, and whether each reply
-    /// is yielded.
-    in_flight: VecDeque<(usize, bool)>,
+    /// Encoded sizes of the requests awaiting a reply, oldest first, whether each reply is
+    /// yielded, and when the transport took each.
+    in_flight: VecDeque<(usize, bool, Instant)>,
     in_flight_bytes: usize,
     input_done: bool,
     window: Window,
@@ -105,7 +106,16 @@ struct State<'s, C: RaftWireConfig, S, K, R> {
     /// with nothing outstanding, a reply with nothing else in flight).
     last_progress: Instant,
     stats: Stats,
+    /// What the metrics call this stream's requests (appends or heartbeats).
+    kind: RpcKind,
     _c: std::marker::PhantomData<fn() -> C>,
+}
+
+impl<C: RaftWireConfig, S, K, R> Drop for State<'_, C, S, K, R> {
+    fn drop(&mut self) {
+        // Requests still unanswered when the session ends are in flight no more.
+        self.stats.record_answered(self.in_flight.len());
+    }
 }
 
 impl<'s, C, S, K, R> State<'s, C, S, K, R>
@@ -170,7 +180,7 @@ where
                         // The peer took the whole request: its reply is now what it owes.
                         self.last_progress = Instant::now();
                     }
-                    self.in_flight.push_back((size, yielded));
+                    self.in_flight.push_back((size, yielded, Instant::now()));
                     self.in_flight_bytes += size;
                     self.stats.record_in_flight(self.in_flight.len());
                 }
@@ -238,9 +248,13 @@ where
             return (Err(e), true);
         };
         let mut yielded = true;
-        if let Some((size, y)) = self.in_flight.pop_front() {
+        if let Some((size, y, sent)) = self.in_flight.pop_front() {
             self.in_flight_bytes -= size;
             yielded = y;
+            self.stats.record_answered(1);
+            if y && matches!(reply, Ok(Ok(_))) {
+                self.stats.record_ok(self.kind, sent.elapsed());
+            }
         }
         self.last_progress = Instant::now();
         (reply, yielded)
@@ -286,6 +300,7 @@ pub(crate) fn run<'s, C, S, K, R>(
     window: Window,
     idle: Duration,
     stats: Stats,
+    kind: RpcKind,
 ) -> impl Stream<Item = Result<StreamAppendResult<C>, TransportError>> + Send + 's
 where
     C: RaftWireConfig,
@@ -306,11 +321,19 @@ where
         idle,
         last_progress: Instant::now(),
         stats,
+        kind,
         _c: std::marker::PhantomData,
     };
     futures::stream::unfold(Some(state), |state| async move {
         let mut state = state?;
         let item = state.next().await?;
+        // Answered requests were counted as they paired with their request; what is left
+        // is a rejection, or a failure that ends the session.
+        match &item {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => state.stats.record_rejected(state.kind),
+            Err(e) => state.stats.record_error(state.kind, e),
+        }
         // An error or a rejection ends the session; openraft opens a new one.
         let go_on = matches!(item, Ok(Ok(_)));
         Some((item, go_on.then_some(state)))
@@ -487,6 +510,7 @@ mod tests {
             window,
             IDLE,
             Stats::default(),
+            RpcKind::Append,
         );
         let harness = Harness {
             input: Some(input_tx),
@@ -837,6 +861,7 @@ mod tests {
             window(64),
             Duration::from_secs(1),
             Stats::default(),
+            RpcKind::Append,
         )
         .collect()
         .await;
@@ -880,6 +905,7 @@ mod tests {
             window(64),
             Duration::from_secs(1),
             Stats::default(),
+            RpcKind::Append,
         )
         .collect()
         .await;

@@ -5,7 +5,14 @@
 use std::process::Command;
 
 /// Crates only the application side (CLI, demo store, benchmark harness) may pull in.
-const APP_ONLY: &[&str] = &["clap", "tracing-subscriber", "tempfile", "mimalloc", "redb"];
+const APP_ONLY: &[&str] = &[
+    "clap",
+    "tracing-subscriber",
+    "tempfile",
+    "mimalloc",
+    "redb",
+    "metrics-exporter-prometheus",
+];
 
 /// The crate names `cargo tree -e normal` lists for raftwire built with `features`.
 fn normal_dependencies(features: &str) -> Vec<String> {

@@ -27,6 +27,7 @@ fn cluster_lifecycle(transport: &'static str) {
     bed.ctl_ok(&["put", "greeting", "hello"]);
     let got = bed.ctl_ok(&["get", "greeting"]);
     assert_eq!(got["value"], "hello", "{got}");
+    bed.check_metrics(&[1, 2, 3]);
 
     // A load with the leader killed in the middle.
     let keys = bed.dir.path().join("keys.tsv");
@@ -142,5 +143,14 @@ fn start_up_errors_are_one_line_and_fail() {
     let mut args = bed.node_args(1);
     args[4] = format!("127.0.0.1:{}", bed.node(2).raft);
     check(args, "in use");
+    // A metrics port in use: named as the metrics listener's.
+    let mut args = bed.node_args(1);
+    let last = args.len() - 1;
+    args[last] = format!("127.0.0.1:{}", bed.node(2).metrics);
+    check(args, "cannot serve metrics");
+    // A metrics address that is not one.
+    let mut args = bed.node_args(1);
+    args[last] = "localhost".into();
+    check(args, "--metrics-listen");
     let _ = bed.signal(2, "-TERM");
 }

@@ -404,6 +404,55 @@ fn quic_tuning(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     group.finish();
 }
 
+/// What metrics cost: the metrics work of one append with no recorder, then (a Prometheus
+/// recorder installed for the rest of the process, so this group runs last) with one, and
+/// pipelined 16 KiB appends over each transport with it, to set beside `append/*/16384B-w64`
+/// (measured with none).
+fn metrics_cost(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    if !wanted("metrics/") {
+        return;
+    }
+    let mut group = c.benchmark_group("metrics");
+    let transport = Subject::transports()
+        .into_iter()
+        .find_map(|s| match s {
+            Subject::Transport(t) => Some(t),
+            _ => None,
+        })
+        .expect("a transport is compiled");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("per-append/no-recorder", |b| {
+        b.iter_custom(|iters| raftwire::bench::metrics_per_append(transport, iters))
+    });
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    if metrics::set_global_recorder(recorder).is_err() {
+        eprintln!("metrics: a recorder is already installed; skipping the measurements with one");
+        return;
+    }
+    group.bench_function("per-append/prometheus", |b| {
+        b.iter_custom(|iters| {
+            let took = raftwire::bench::metrics_per_append(transport, iters);
+            // What a scrape would do, outside the timed region: drain the histograms.
+            handle.run_upkeep();
+            took
+        })
+    });
+    for subject in Subject::transports() {
+        let size = 16 << 10;
+        let bench = rt
+            .block_on(AppendBench::start(subject, size, 64))
+            .expect("append setup");
+        let id = BenchmarkId::new(
+            format!("append-prometheus/{}", subject.name()),
+            format!("{size}B-w64"),
+        );
+        measure_appends(&mut group, rt, bench, id);
+        handle.run_upkeep();
+    }
+    group.finish();
+}
+
 fn criterion_dir() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -445,6 +494,7 @@ fn main() {
     let memory = snapshot(&mut c, &rt);
     #[cfg(feature = "quic")]
     quic_tuning(&mut c, &rt);
+    metrics_cost(&mut c, &rt);
     c.final_summary();
     let memory: serde_json::Map<String, serde_json::Value> = memory
         .into_iter()

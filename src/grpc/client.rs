@@ -27,6 +27,7 @@ use tonic::transport::Endpoint;
 
 use super::ERROR_MARK;
 use super::convert;
+use super::counted::Counted;
 use super::pb;
 use super::pb::raft_client::RaftClient;
 use crate::config::Config;
@@ -47,24 +48,27 @@ use crate::stats::Stats;
 use crate::tls;
 use crate::types::RaftWireConfig;
 
+/// A connection's byte stream, plain or under TLS.
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
 /// The gRPC client side of one factory.
 pub(crate) struct Connector {
     config: Config,
-    stats: Stats,
 }
 
 impl Connector {
-    pub(crate) fn new(config: &Config, stats: Stats) -> Self {
+    pub(crate) fn new(config: &Config) -> Self {
         Connector {
             config: config.clone(),
-            stats,
         }
     }
 }
 
 impl<C: RaftWireConfig> link::Connector<C> for Connector {
-    fn link(&self, addr: &str, target: u64, _purpose: Purpose) -> Arc<dyn Link<C>> {
-        Arc::new(Lane::new(addr, target, &self.config, self.stats.clone()))
+    fn link(&self, addr: &str, target: u64, _purpose: Purpose, stats: Stats) -> Arc<dyn Link<C>> {
+        Arc::new(Lane::new(addr, target, &self.config, stats))
     }
 
     fn shares_purposes(&self) -> bool {
@@ -132,35 +136,39 @@ impl Lane {
             .max_encoding_message_size(self.max_message_size))
     }
 
-    /// The current connection, dialled if there is none.
+    /// The current connection, dialled if there is none. Its bytes are counted on the TCP
+    /// stream, under TLS.
     async fn channel(&self) -> Result<Channel, TransportError> {
-        let (endpoint, tls, addr, name) = (
+        let (endpoint, tls, addr, name, counters) = (
             self.endpoint.clone(),
             self.tls.clone(),
             self.addr.clone(),
             tls::server_name(self.target),
+            self.stats.byte_counters(),
         );
         self.dialer
             .get(
                 |_| true,
                 move || async move {
-                    let endpoint = endpoint?;
-                    let Some(connector) = tls else {
-                        return endpoint.connect().await.map_err(|e| error_chain(&e));
-                    };
                     let dial = tower::service_fn(move |_: http::Uri| {
-                        let (connector, addr, name) = (connector.clone(), addr.clone(), name.clone());
+                        let (tls, addr, name, counters) =
+                            (tls.clone(), addr.clone(), name.clone(), counters.clone());
                         async move {
                             let tcp = tokio::net::TcpStream::connect(&addr).await?;
                             tcp.set_nodelay(true)?;
+                            let tcp = Counted::new(tcp, counters);
+                            let Some(connector) = tls else {
+                                let plain: Box<dyn Io> = Box::new(tcp);
+                                return Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(plain));
+                            };
                             let stream = connector.connect(name, tcp).await?;
                             // A refusal of our certificate arrives as the server's first
                             // word: read it here, where it can be named.
-                            let stream = super::primed::prime(stream).await?;
-                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                            let stream: Box<dyn Io> = Box::new(super::primed::prime(stream).await?);
+                            Ok(hyper_util::rt::TokioIo::new(stream))
                         }
                     });
-                    endpoint
+                    endpoint?
                         .connect_with_connector(dial)
                         .await
                         .map_err(|e| handshake_refusal(&e).unwrap_or_else(|| error_chain(&e)))
@@ -276,7 +284,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
         input: BoxStream<'static, AppendEntriesRequest<C>>,
         config: &'s Config,
         deadline: Duration,
-        _purpose: Purpose,
+        purpose: Purpose,
     ) -> BoxFuture<'s, Result<Replies<'s, C>, TransportError>> {
         Box::pin(async move {
             let rpc = RPCTypes::AppendEntries;
@@ -311,6 +319,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
                 config.window(),
                 deadline,
                 self.stats.clone(),
+                purpose.stream_kind(),
             );
             Ok(link::observed(session, &self.dialer))
         })

@@ -2,6 +2,7 @@
 
 mod client;
 pub(crate) mod convert;
+mod counted;
 mod limit;
 mod primed;
 mod serve;

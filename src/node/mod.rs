@@ -4,6 +4,7 @@
 
 mod api;
 mod ctl;
+mod exporter;
 mod run;
 
 pub use api::Api;
@@ -18,6 +19,7 @@ pub use ctl::load_value;
 pub use ctl::write_keys;
 pub use run::NodeOptions;
 pub use run::RunError;
+pub use run::Serving;
 pub use run::run;
 
 /// The protobuf messages and tonic service of `proto/client.proto`.

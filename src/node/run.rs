@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::Api;
+use super::exporter;
 use crate::Config;
 use crate::NetworkFactory;
 use crate::Server;
@@ -47,6 +48,20 @@ pub struct NodeOptions {
     pub certs: PathBuf,
     /// Transports, most preferred first.
     pub transports: Vec<Transport>,
+    /// Where to serve Prometheus metrics at `/metrics` (plain HTTP); none if absent.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// Where a running node serves, as told to `run`'s `ready`.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Serving {
+    /// Raft traffic, per transport.
+    pub raft: Vec<(Transport, SocketAddr)>,
+    /// The client API.
+    pub api: SocketAddr,
+    /// Prometheus metrics, if asked for.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// Why a node could not start or stopped uncleanly: one line naming the problem.
@@ -129,15 +144,26 @@ fn claim_data_dir(dir: &Path, id: u64) -> Result<(), RunError> {
 }
 
 /// Runs a node until `stop` resolves, then shuts it down cleanly: a leader hands leadership
-/// to another voter first. `ready` is called with the bound addresses once serving.
+/// to another voter first. `ready` is told where it serves once it does.
 pub async fn run(
     opts: NodeOptions,
     stop: impl Future<Output = ()>,
-    ready: impl FnOnce(&[(Transport, SocketAddr)], SocketAddr),
+    ready: impl FnOnce(&Serving),
 ) -> Result<(), RunError> {
     let id = opts.id;
     let tls = load_tls(&opts.certs, id)?;
     claim_data_dir(&opts.data_dir, id)?;
+    // The recorder goes in before the network factory registers its metric handles.
+    let metrics = match opts.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| RunError(format!("cannot serve metrics on {addr}: {e}")))?;
+            let handle = exporter::install().map_err(|e| RunError(format!("metrics: {e}")))?;
+            Some((listener, handle))
+        }
+    };
     let store = DurableStore::open(&opts.data_dir)
         .map_err(|e| RunError(format!("data directory {}: {e}", opts.data_dir.display())))?;
     let config = Config::builder()
@@ -186,8 +212,33 @@ pub async fn run(
                 let _ = api_stop.wait_for(|s| *s).await;
             }),
     );
-    tracing::info!(node = id, raft = %server.local_addr(), api = %api_addr, advertise = %opts.advertise, "node serving");
-    ready(server.transport_addrs(), api_addr);
+    let metrics_addr = match metrics {
+        None => None,
+        Some((listener, handle)) => {
+            let addr = listener
+                .local_addr()
+                .map_err(|e| RunError(format!("metrics listener: {e}")))?;
+            let raft = raft.clone();
+            let render = Arc::new(move || {
+                let mut page = handle.render();
+                page.push_str(&exporter::raft_text(&raft.metrics().borrow_watched()));
+                page
+            });
+            tokio::spawn(exporter::serve(
+                listener,
+                render,
+                exporter::Limits::default(),
+                api_stop_tx.subscribe(),
+            ));
+            Some(addr)
+        }
+    };
+    tracing::info!(node = id, raft = %server.local_addr(), api = %api_addr, metrics = ?metrics_addr, advertise = %opts.advertise, "node serving");
+    ready(&Serving {
+        raft: server.transport_addrs().to_vec(),
+        api: api_addr,
+        metrics: metrics_addr,
+    });
 
     stop.await;
     tracing::info!(node = id, "stopping");

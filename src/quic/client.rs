@@ -61,20 +61,18 @@ struct Shared {
     tuning: QuicTuning,
     connect_timeout: Duration,
     max_len: usize,
-    stats: Stats,
     /// IPv4 and IPv6 endpoints, made on first use.
     endpoints: Mutex<[Option<quinn::Endpoint>; 2]>,
 }
 
 impl Connector {
-    pub(crate) fn new(config: &Config, stats: Stats) -> Self {
+    pub(crate) fn new(config: &Config) -> Self {
         Connector {
             shared: Arc::new(Shared {
                 tls: config.tls.clone(),
                 tuning: config.quic.clone(),
                 connect_timeout: config.connect_timeout,
                 max_len: super::max_frame(config),
-                stats,
                 endpoints: Mutex::new([None, None]),
             }),
         }
@@ -82,8 +80,8 @@ impl Connector {
 }
 
 impl<C: RaftWireConfig> link::Connector<C> for Connector {
-    fn link(&self, addr: &str, target: u64, _purpose: Purpose) -> Arc<dyn Link<C>> {
-        Arc::new(Lane::new(addr, target, self.shared.clone()))
+    fn link(&self, addr: &str, target: u64, _purpose: Purpose, stats: Stats) -> Arc<dyn Link<C>> {
+        Arc::new(Lane::new(addr, target, self.shared.clone(), stats))
     }
 
     fn shares_purposes(&self) -> bool {
@@ -123,11 +121,13 @@ pub(crate) struct Lane {
     client_config: Result<quinn::ClientConfig, String>,
     shared: Arc<Shared>,
     dialer: Dialer<quinn::Connection>,
+    /// This peer's counters and metrics on QUIC.
+    stats: Stats,
 }
 
 impl Lane {
     /// Never fails and never connects: bad TLS setup surfaces as `Connect` on first use.
-    fn new(addr: &str, target: u64, shared: Arc<Shared>) -> Self {
+    fn new(addr: &str, target: u64, shared: Arc<Shared>, stats: Stats) -> Self {
         let client_config = match &shared.tls {
             None => Err("QUIC needs a TLS identity".to_string()),
             Some(t) => t
@@ -147,8 +147,9 @@ impl Lane {
             addr: addr.to_string(),
             target,
             client_config,
-            dialer: Dialer::new(addr, shared.connect_timeout, shared.stats.clone()),
+            dialer: Dialer::new(addr, shared.connect_timeout, stats.clone()),
             shared,
+            stats,
         }
     }
 
@@ -197,7 +198,11 @@ impl Lane {
         let conn = self.connection().await?;
         let (send, recv) = conn.open_bi().await.map_err(|e| failed(&self.addr, rpc, e))?;
         let _ = send.set_priority(priority);
-        Ok((Outgoing::new(send), FrameReader::new(recv, self.shared.max_len)))
+        let (sent, received) = self.stats.byte_counters();
+        Ok((
+            Outgoing::new(send).counted(sent),
+            FrameReader::new(recv, self.shared.max_len).counted(received),
+        ))
     }
 
     /// One request on a fresh stream, one reply.
@@ -328,7 +333,8 @@ impl<C: RaftWireConfig> Link<C> for Lane {
                 Box::pin(replies),
                 config.window(),
                 deadline,
-                self.shared.stats.clone(),
+                self.stats.clone(),
+                purpose.stream_kind(),
             );
             Ok(link::observed(session, &self.dialer))
         })

@@ -160,6 +160,8 @@ pub(crate) struct FrameReader {
     recv: quinn::RecvStream,
     buf: BytesMut,
     decoder: FrameDecoder,
+    /// Bytes read are added here (a client's, per peer; a no-op otherwise).
+    received: metrics::Counter,
 }
 
 impl FrameReader {
@@ -168,7 +170,14 @@ impl FrameReader {
             recv,
             buf: BytesMut::with_capacity(4096),
             decoder: FrameDecoder::new(max_len),
+            received: metrics::Counter::noop(),
         }
+    }
+
+    /// Adds every byte read to `received`.
+    pub(crate) fn counted(mut self, received: metrics::Counter) -> Self {
+        self.received = received;
+        self
     }
 
     /// The next frame as (request id, message); `None` when the peer finished the stream at a
@@ -181,11 +190,14 @@ impl FrameReader {
             if self.buf.capacity() == self.buf.len() {
                 self.buf.reserve(4096);
             }
-            if self.recv.read_buf(&mut self.buf).await? == 0 {
-                return match self.buf.len() {
-                    0 => Ok(None),
-                    n => Err(ReadError::Truncated(n)),
-                };
+            match self.recv.read_buf(&mut self.buf).await? {
+                0 => {
+                    return match self.buf.len() {
+                        0 => Ok(None),
+                        n => Err(ReadError::Truncated(n)),
+                    };
+                }
+                n => self.received.increment(n as u64),
             }
         }
     }
@@ -210,6 +222,8 @@ impl FrameReader {
 pub(crate) struct Outgoing {
     send: quinn::SendStream,
     finished: bool,
+    /// Bytes written are added here (a client's, per peer; a no-op otherwise).
+    sent: metrics::Counter,
 }
 
 impl Outgoing {
@@ -217,7 +231,14 @@ impl Outgoing {
         Outgoing {
             send,
             finished: false,
+            sent: metrics::Counter::noop(),
         }
+    }
+
+    /// Adds every byte written to `sent`.
+    pub(crate) fn counted(mut self, sent: metrics::Counter) -> Self {
+        self.sent = sent;
+        self
     }
 
     /// Encodes `msg` and writes it as one vectored write of its chunks (entry payloads and
@@ -232,6 +253,7 @@ impl Outgoing {
         let mut chunks: Vec<Bytes> = Vec::with_capacity(4);
         let size = codec::encode(request_id, msg, max_len, &mut chunks)?;
         self.send.write_all_chunks(&mut chunks).await?;
+        self.sent.increment(size as u64);
         Ok(size)
     }
 

@@ -4,6 +4,7 @@
 pub mod logs;
 #[cfg(feature = "grpc")]
 pub mod procs;
+pub mod raw;
 pub mod relay;
 
 use std::collections::BTreeMap;

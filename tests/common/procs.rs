@@ -18,7 +18,7 @@ pub fn run(args: &[&str]) -> Output {
 }
 
 /// A port free on both TCP and UDP (so every transport can use it), and another for the API.
-fn free_ports() -> (u16, u16) {
+fn free_ports() -> (u16, u16, u16) {
     loop {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = tcp.local_addr().unwrap().port();
@@ -27,8 +27,10 @@ fn free_ports() -> (u16, u16) {
         };
         let api = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let api_port = api.local_addr().unwrap().port();
-        drop((tcp, udp, api));
-        return (port, api_port);
+        let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let metrics_port = metrics.local_addr().unwrap().port();
+        drop((tcp, udp, api, metrics));
+        return (port, api_port, metrics_port);
     }
 }
 
@@ -180,6 +182,7 @@ pub struct Node {
     pub host: String,
     pub raft: u16,
     pub api: u16,
+    pub metrics: u16,
     child: Option<Child>,
 }
 
@@ -255,11 +258,11 @@ impl Bed {
 
     /// Plans node `id` (its host and ports); `start` runs it.
     pub fn add_node(&mut self, id: u64) {
-        let (host, raft, api) = match &self.net {
-            Some(net) => (net.addr(id), 7000, 7001),
+        let (host, raft, api, metrics) = match &self.net {
+            Some(net) => (net.addr(id), 7000, 7001, 7002),
             None => {
-                let (raft, api) = free_ports();
-                ("127.0.0.1".to_string(), raft, api)
+                let (raft, api, metrics) = free_ports();
+                ("127.0.0.1".to_string(), raft, api, metrics)
             }
         };
         self.nodes.push(Node {
@@ -267,6 +270,7 @@ impl Bed {
             host,
             raft,
             api,
+            metrics,
             child: None,
         });
     }
@@ -336,6 +340,8 @@ impl Bed {
             certs.display().to_string(),
             "--transport".into(),
             self.transport.into(),
+            "--metrics-listen".into(),
+            format!("{api_host}:{}", n.metrics),
         ]
     }
 
@@ -372,6 +378,90 @@ impl Bed {
             .spawn()
             .unwrap();
         self.nodes.iter_mut().find(|n| n.id == id).unwrap().child = Some(child);
+    }
+
+    /// Node `id`'s `/metrics` page, fetched from where `ctl` runs (HTTP/1.0 by hand: the
+    /// namespaces have no HTTP client, bash's /dev/tcp is enough).
+    pub fn scrape(&self, id: u64) -> String {
+        let n = self.node(id);
+        let script = format!(
+            "exec 3<>/dev/tcp/{}/{} && printf 'GET /metrics HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3",
+            n.host, n.metrics
+        );
+        let mut c = match &self.net {
+            Some(net) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &net.switch(), "bash", "-c", &script]);
+                c
+            }
+            None => {
+                let mut c = Command::new("bash");
+                c.args(["-c", &script]);
+                c
+            }
+        };
+        let out = c.output().unwrap();
+        let page = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success() && page.starts_with("HTTP/1.1 200 OK"),
+            "scraping node {id}: {page}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        page
+    }
+
+    /// Every node's `/metrics` page has openraft's view of the cluster, and the leader's has the
+    /// network's per-peer metrics on this transport.
+    pub fn check_metrics(&self, ids: &[u64]) {
+        let (bed, transport) = (self, self.transport);
+        let leader = bed.leader();
+        for &id in ids {
+            let page = bed.scrape(id);
+            assert!(
+                page.contains(&format!("raftwire_raft_leader{{node=\"{id}\"}} {leader}\n")),
+                "node {id} names its leader: {page}"
+            );
+            assert!(
+                page.contains(&format!("raftwire_raft_term{{node=\"{id}\"}} ")),
+                "{page}"
+            );
+            assert!(
+                page.contains(&format!("raftwire_raft_applied_index{{node=\"{id}\"}} ")),
+                "{page}"
+            );
+        }
+        let page = bed.scrape(leader);
+        assert!(
+            page.contains(&format!("raftwire_raft_is_leader{{node=\"{leader}\"}} 1\n")),
+            "{page}"
+        );
+        for &follower in ids.iter().filter(|f| **f != leader) {
+            assert!(
+                page.contains(&format!(
+                    "raftwire_raft_follower_lag{{node=\"{leader}\",follower=\"{follower}\"}} "
+                )),
+                "the leader reports follower {follower}'s lag: {page}"
+            );
+            let appends = page.lines().find(|l| {
+                l.starts_with("raftwire_rpcs_total{")
+                    && [
+                        format!("peer=\"{follower}\""),
+                        format!("transport=\"{transport}\""),
+                        "kind=\"append\"".into(),
+                        "outcome=\"ok\"".into(),
+                    ]
+                    .iter()
+                    .all(|label| l.contains(label.as_str()))
+            });
+            assert!(
+                appends.is_some(),
+                "appends to {follower} over {transport}: {page}"
+            );
+            assert!(
+                page.contains("# TYPE raftwire_rpc_round_trip_seconds histogram"),
+                "{page}"
+            );
+        }
     }
 
     /// Whether node `id`'s process is still running.
