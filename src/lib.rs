@@ -18,7 +18,7 @@
 //! - **Metrics** through the [`metrics`](https://docs.rs/metrics) facade, per peer and
 //!   transport ([`METRICS`]): RPCs by kind and outcome, round trips, pipeline depth, bytes,
 //!   connects, snapshot bytes and durations. Install a recorder before making the factory;
-//!   without one, recording costs a few nanoseconds per call.
+//!   without one, recording costs about 30 ns per pipelined append (a clock read included).
 //!
 //! ## Feature flags
 //!

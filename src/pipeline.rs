@@ -176,11 +176,13 @@ where
                         },
                         Err(SendError::Failed(e)) => return Some(Err(e)),
                     };
+                    // One clock read per send, shared by the deadline and the round trip.
+                    let now = Instant::now();
                     if self.in_flight.is_empty() {
                         // The peer took the whole request: its reply is now what it owes.
-                        self.last_progress = Instant::now();
+                        self.last_progress = now;
                     }
-                    self.in_flight.push_back((size, yielded, Instant::now()));
+                    self.in_flight.push_back((size, yielded, now));
                     self.in_flight_bytes += size;
                     self.stats.record_in_flight(self.in_flight.len());
                 }
@@ -248,15 +250,17 @@ where
             return (Err(e), true);
         };
         let mut yielded = true;
+        // One clock read per reply, shared by the deadline and the round trip.
+        let now = Instant::now();
         if let Some((size, y, sent)) = self.in_flight.pop_front() {
             self.in_flight_bytes -= size;
             yielded = y;
             self.stats.record_answered(1);
             if y && matches!(reply, Ok(Ok(_))) {
-                self.stats.record_ok(self.kind, sent.elapsed());
+                self.stats.record_ok(self.kind, now.duration_since(sent));
             }
         }
-        self.last_progress = Instant::now();
+        self.last_progress = now;
         (reply, yielded)
     }
 }

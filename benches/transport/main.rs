@@ -409,9 +409,6 @@ fn quic_tuning(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
 /// pipelined 16 KiB appends over each transport with it, to set beside `append/*/16384B-w64`
 /// (measured with none).
 fn metrics_cost(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
-    if !wanted("metrics/") {
-        return;
-    }
     let mut group = c.benchmark_group("metrics");
     let transport = Subject::transports()
         .into_iter()
@@ -440,6 +437,12 @@ fn metrics_cost(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     });
     for subject in Subject::transports() {
         let size = 16 << 10;
+        if !wanted(&format!(
+            "metrics/append-prometheus/{}/{size}B-w64",
+            subject.name()
+        )) {
+            continue;
+        }
         let bench = rt
             .block_on(AppendBench::start(subject, size, 64))
             .expect("append setup");
