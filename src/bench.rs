@@ -94,6 +94,8 @@ impl Subject {
             Subject::Transport(Transport::Grpc),
             #[cfg(feature = "quic")]
             Subject::Transport(Transport::Quic),
+            #[cfg(feature = "tcp")]
+            Subject::Transport(Transport::Tcp),
         ]
     }
 }
@@ -789,8 +791,9 @@ impl RequestSink<KvConfig> for InProcessSink {
         Ok(size)
     }
 
-    fn finish(&mut self) {
+    async fn finish(&mut self) -> Result<(), TransportError> {
         self.tx = None;
+        Ok(())
     }
 }
 

@@ -20,6 +20,12 @@ pub enum Transport {
     #[cfg(feature = "quic")]
     #[cfg_attr(not(feature = "grpc"), default)]
     Quic,
+    /// raftwire's own framing over TLS 1.3 on TCP: the bulk-throughput path. Separate
+    /// connections per peer for replication, heartbeats and votes, and snapshots. Always
+    /// encrypted (mutual TLS); shares a TCP port with gRPC (told apart by ALPN).
+    #[cfg(feature = "tcp")]
+    #[cfg_attr(not(any(feature = "grpc", feature = "quic")), default)]
+    Tcp,
 }
 
 impl Transport {
@@ -30,6 +36,8 @@ impl Transport {
             Transport::Grpc => "grpc",
             #[cfg(feature = "quic")]
             Transport::Quic => "quic",
+            #[cfg(feature = "tcp")]
+            Transport::Tcp => "tcp",
         }
     }
 }
@@ -107,6 +115,8 @@ impl std::str::FromStr for Transport {
             "grpc" => Ok(Transport::Grpc),
             #[cfg(feature = "quic")]
             "quic" => Ok(Transport::Quic),
+            #[cfg(feature = "tcp")]
+            "tcp" => Ok(Transport::Tcp),
             other => Err(ConfigError::UnknownTransport(other.to_string())),
         }
     }
@@ -430,6 +440,14 @@ impl ConfigBuilder {
                 value: "set".into(),
             });
         }
+        #[cfg(feature = "tcp")]
+        if c.transports.contains(&Transport::Tcp) && self.plaintext {
+            return Err(ConfigError::Invalid {
+                field: "insecure_plaintext",
+                requirement: "unset for TCP (the TCP transport always runs mutual TLS)",
+                value: "set".into(),
+            });
+        }
         match (&c.tls, self.plaintext) {
             (Some(_), true) => {
                 return Err(ConfigError::Invalid {
@@ -598,6 +616,8 @@ mod tests {
         let all: Vec<Transport> = [
             #[cfg(feature = "quic")]
             Transport::Quic,
+            #[cfg(feature = "tcp")]
+            Transport::Tcp,
             #[cfg(feature = "grpc")]
             Transport::Grpc,
         ]
@@ -682,6 +702,14 @@ mod tests {
                 .build()
                 .is_err()
         );
+        #[cfg(feature = "tcp")]
+        assert!(
+            Config::builder()
+                .transport(Transport::Tcp)
+                .insecure_plaintext()
+                .build()
+                .is_err()
+        );
     }
 
     #[test]
@@ -690,6 +718,8 @@ mod tests {
         assert_eq!("grpc".parse::<Transport>().unwrap(), Transport::Grpc);
         #[cfg(feature = "quic")]
         assert_eq!("quic".parse::<Transport>().unwrap(), Transport::Quic);
+        #[cfg(feature = "tcp")]
+        assert_eq!("tcp".parse::<Transport>().unwrap(), Transport::Tcp);
         assert!("carrier-pigeon".parse::<Transport>().is_err());
     }
 }

@@ -526,5 +526,7 @@ fn connector<C: RaftWireConfig>(transport: Transport, config: &Config) -> Arc<dy
         Transport::Grpc => Arc::new(grpc::Connector::new(config)),
         #[cfg(feature = "quic")]
         Transport::Quic => Arc::new(quic::Connector::new(config)),
+        #[cfg(feature = "tcp")]
+        Transport::Tcp => Arc::new(crate::tcp::Connector::new(config)),
     }
 }

@@ -906,7 +906,7 @@ fn pb_input(msg: &Message<C>) -> Result<Option<Vec<u8>>, String> {
         Message::SnapshotAck(r) => (6, convert::snapshot_response_to_pb(r).encode_to_vec()),
         Message::TransferLeader(r) => (7, convert::transfer_request_to_pb(r).encode_to_vec()),
         Message::TransferLeaderReply(r) => (8, convert::transfer_response_to_pb(r).encode_to_vec()),
-        Message::Error { .. } => return Ok(None),
+        Message::Error { .. } | Message::End => return Ok(None),
     };
     let mut input = vec![which];
     input.extend_from_slice(&bytes);

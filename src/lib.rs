@@ -72,6 +72,8 @@
 //! `service::Service`.
 #![warn(missing_docs)]
 
+#[cfg(any(feature = "grpc", feature = "tcp"))]
+mod accept;
 mod certs;
 mod config;
 mod connect;
@@ -89,12 +91,16 @@ mod tls;
 mod types;
 mod wire;
 
-#[cfg(feature = "quic")]
+#[cfg(any(feature = "quic", feature = "tcp"))]
 mod codec;
+#[cfg(any(feature = "quic", feature = "tcp"))]
+mod framed;
 #[cfg(feature = "grpc")]
 mod grpc;
 #[cfg(feature = "quic")]
 mod quic;
+#[cfg(feature = "tcp")]
+mod tcp;
 
 /// Entry points for the cargo-fuzz targets in `fuzz/`; not a stable API.
 #[cfg(feature = "fuzzing")]

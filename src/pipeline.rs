@@ -73,8 +73,9 @@ pub(crate) trait RequestSink<C: RaftWireConfig>: Send {
         req: AppendEntriesRequest<C>,
     ) -> impl Future<Output = Result<usize, SendError<C>>> + Send;
 
-    /// Half-closes the stream: no more requests follow.
-    fn finish(&mut self);
+    /// Half-closes the stream: no more requests follow. Like a send, it may wait on flow
+    /// control, and the pipeline polls it next to the replies and the deadline.
+    fn finish(&mut self) -> impl Future<Output = Result<(), TransportError>> + Send;
 }
 
 /// A send in progress. It owns the sink, so it can live in the state across `select!` rounds
@@ -82,8 +83,12 @@ pub(crate) trait RequestSink<C: RaftWireConfig>: Send {
 /// sink back when it completes.
 type Sending<'s, C, K> = Pin<Box<dyn Future<Output = (K, Sent<C>)> + Send + 's>>;
 
-/// A send's outcome, and whether the reply to it is to be yielded.
-type Sent<C> = (Result<usize, SendError<C>>, bool);
+/// What the sink did: sent a request (its outcome, and whether the reply to it is to be
+/// yielded), or ended the stream.
+enum Sent<C: RaftWireConfig> {
+    Request(Result<usize, SendError<C>>, bool),
+    Finished(Result<(), TransportError>),
+}
 
 struct State<'s, C: RaftWireConfig, S, K, R> {
     input: S,
@@ -160,9 +165,14 @@ where
                         (item, _) => return Some(item),
                     }
                 }
-                Some((sink, (sent, yielded))) = OptionFuture::from(self.sending.as_mut()), if busy => {
+                Some((sink, sent)) = OptionFuture::from(self.sending.as_mut()), if busy => {
                     self.sending = None;
                     self.sink = Some(sink);
+                    let (sent, yielded) = match sent {
+                        Sent::Request(sent, yielded) => (sent, yielded),
+                        Sent::Finished(Ok(())) => continue,
+                        Sent::Finished(Err(e)) => return Some(Err(e)),
+                    };
                     let size = match sent {
                         Ok(size) => size,
                         Err(SendError::TooLarge { req, size, max }) => match split(req) {
@@ -203,8 +213,13 @@ where
                     };
                     let Some(req) = req else {
                         self.input_done = true;
-                        sink.finish();
-                        self.sink = Some(sink);
+                        if !outstanding {
+                            self.last_progress = Instant::now();
+                        }
+                        self.sending = Some(Box::pin(async move {
+                            let finished = sink.finish().await;
+                            (sink, Sent::Finished(finished))
+                        }));
                         continue;
                     };
                     if !outstanding {
@@ -212,7 +227,7 @@ where
                     }
                     self.sending = Some(Box::pin(async move {
                         let sent = sink.send(req).await;
-                        (sink, (sent, yielded))
+                        (sink, Sent::Request(sent, yielded))
                     }));
                 }
                 _ = tokio::time::sleep_until(deadline), if outstanding => {
@@ -467,8 +482,9 @@ mod tests {
             Ok(SIZE)
         }
 
-        fn finish(&mut self) {
+        async fn finish(&mut self) -> Result<(), TransportError> {
             self.log.push(Event::Finished);
+            Ok(())
         }
     }
 
@@ -832,7 +848,9 @@ mod tests {
             Ok(req.entries.len() * 100)
         }
 
-        fn finish(&mut self) {}
+        async fn finish(&mut self) -> Result<(), TransportError> {
+            Ok(())
+        }
     }
 
     fn batch(prev: u64, n: u64, commit: u64) -> AppendEntriesRequest<KvConfig> {
@@ -933,8 +951,8 @@ mod tests {
             })
         }
 
-        fn finish(&mut self) {
-            self.0.finish();
+        async fn finish(&mut self) -> Result<(), TransportError> {
+            self.0.finish().await
         }
     }
 }

@@ -208,9 +208,9 @@ where
         // With port 0, the first transport's port may be taken for another's protocol: try
         // a few ports before giving up.
         let mut attempts = 0;
-        let sockets = loop {
+        let (addrs, sockets) = loop {
             match bind_all(&transports, addr, &self.listen, &self.config) {
-                Ok(sockets) => break sockets,
+                Ok(bound) => break bound,
                 Err(ServerError::Bind { source, .. })
                     if addr.port() == 0
                         && transports.len() > 1
@@ -225,31 +225,27 @@ where
         let (tx, rx) = watch::channel(false);
         let grace = self.config.shutdown_grace;
         let service = Arc::new(Service::new(self.raft, self.sink, &self.config));
-        let mut addrs = Vec::new();
         let mut tasks = Vec::new();
-        for (transport, local_addr, socket) in sockets {
-            let task = match socket {
-                #[cfg(feature = "grpc")]
-                Socket::Tcp(listener) => tokio::spawn(crate::grpc::serve(
-                    service.clone(),
-                    self.config.clone(),
-                    listener,
-                    rx.clone(),
-                )),
+        for socket in sockets {
+            match socket {
+                #[cfg(any(feature = "grpc", feature = "tcp"))]
+                Socket::Tcp { listener, transports } => {
+                    serve_tcp(listener, &transports, &service, &self.config, &rx, &mut tasks)?
+                }
                 #[cfg(feature = "quic")]
-                Socket::Udp(socket) => tokio::spawn(crate::quic::serve(
+                Socket::Udp(socket) => tasks.push(tokio::spawn(crate::quic::serve(
                     service.clone(),
                     self.config.clone(),
                     socket,
                     rx.clone(),
-                )),
-            };
+                ))),
+            }
+        }
+        for (transport, local_addr) in &addrs {
             if transport_is_plaintext {
                 tracing::warn!(%local_addr, "raftwire server runs PLAINTEXT: callers are not authenticated, traffic is not encrypted");
             }
             tracing::info!(%local_addr, transport = transport.name(), "raftwire server listening");
-            addrs.push((transport, local_addr));
-            tasks.push(task);
         }
         Ok(Server {
             addrs,
@@ -261,30 +257,136 @@ where
     }
 }
 
-/// A bound, not yet served, socket of one transport.
+/// A bound, not yet served, socket.
 enum Socket {
-    #[cfg(feature = "grpc")]
-    Tcp(tokio::net::TcpListener),
+    /// A TCP listener and the transports sharing it (told apart by ALPN).
+    #[cfg(any(feature = "grpc", feature = "tcp"))]
+    Tcp {
+        listener: tokio::net::TcpListener,
+        transports: Vec<Transport>,
+    },
     #[cfg(feature = "quic")]
     Udp(std::net::UdpSocket),
 }
 
-/// Binds every transport: the first at its `listen` address or `addr`, the others at theirs
-/// or at `addr`'s IP with the first one's port.
+/// Whether `transport` listens on TCP.
+#[cfg(any(feature = "grpc", feature = "tcp"))]
+fn on_tcp(transport: Transport) -> bool {
+    match transport {
+        #[cfg(feature = "grpc")]
+        Transport::Grpc => true,
+        #[cfg(feature = "tcp")]
+        Transport::Tcp => true,
+        #[allow(unreachable_patterns)]
+        _ => false,
+    }
+}
+
+/// Serves the transports sharing one TCP listener: plaintext gRPC on it directly, or one TLS
+/// accept loop handing each connection to the transport its ALPN names.
+#[cfg(any(feature = "grpc", feature = "tcp"))]
+fn serve_tcp<C, SM>(
+    listener: tokio::net::TcpListener,
+    transports: &[Transport],
+    service: &Arc<Service<C, SM>>,
+    config: &Config,
+    stop: &watch::Receiver<bool>,
+    tasks: &mut Vec<JoinHandle<Result<(), ServerError>>>,
+) -> Result<(), ServerError>
+where
+    C: RaftWireConfig,
+    SM: RaftStateMachine<C>,
+    SM::SnapshotData: SnapshotData,
+{
+    let Some(tls) = &config.tls else {
+        // Only gRPC runs without TLS (the config refuses the others).
+        #[cfg(feature = "grpc")]
+        tasks.push(tokio::spawn(crate::grpc::serve(
+            service.clone(),
+            config.clone(),
+            crate::grpc::Incoming::Plain(listener),
+            stop.clone(),
+        )));
+        return Ok(());
+    };
+    let mut routes = Vec::new();
+    for &transport in transports {
+        let (to, from) = tokio::sync::mpsc::channel(64);
+        match transport {
+            #[cfg(feature = "grpc")]
+            Transport::Grpc => {
+                routes.push(crate::accept::Route {
+                    alpn: crate::grpc::ALPN,
+                    default: true,
+                    to,
+                });
+                tasks.push(tokio::spawn(crate::grpc::serve(
+                    service.clone(),
+                    config.clone(),
+                    crate::grpc::Incoming::Tls(from),
+                    stop.clone(),
+                )));
+            }
+            #[cfg(feature = "tcp")]
+            Transport::Tcp => {
+                routes.push(crate::accept::Route {
+                    alpn: crate::tcp::ALPN,
+                    default: false,
+                    to,
+                });
+                tasks.push(tokio::spawn(crate::tcp::serve(
+                    service.clone(),
+                    config.clone(),
+                    from,
+                    stop.clone(),
+                )));
+            }
+            #[allow(unreachable_patterns)]
+            _ => {}
+        }
+    }
+    let alpns: Vec<&[u8]> = routes.iter().map(|r| r.alpn).collect();
+    let server_config = tls
+        .server_config_for(&alpns)
+        .map_err(|e| ServerError::Serve(e.to_string()))?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let admission = crate::limits::Admission::new(config);
+    let accepting = crate::accept::accept(
+        listener,
+        acceptor,
+        config.connect_timeout,
+        admission,
+        Arc::new(routes),
+        stop.clone(),
+    );
+    tasks.push(tokio::spawn(async move {
+        accepting.await;
+        Ok(())
+    }));
+    Ok(())
+}
+
+/// Where each transport listens, and the sockets to serve. The first transport binds at its
+/// `listen` address or `addr`, the others at theirs or at `addr`'s IP with the first one's
+/// port; TCP transports at the same address share one listener.
+type Bound = (Vec<(Transport, SocketAddr)>, Vec<Socket>);
+
 #[cfg_attr(not(feature = "quic"), allow(unused_variables))]
 fn bind_all(
     transports: &[Transport],
     addr: SocketAddr,
     listen: &[(Transport, SocketAddr)],
     config: &Config,
-) -> Result<Vec<(Transport, SocketAddr, Socket)>, ServerError> {
-    let mut bound: Vec<(Transport, SocketAddr, Socket)> = Vec::new();
+) -> Result<Bound, ServerError> {
+    let mut addrs: Vec<(Transport, SocketAddr)> = Vec::new();
+    let mut sockets: Vec<Socket> = Vec::new();
     for &transport in transports {
-        let at = match listen.iter().find(|(t, _)| *t == transport) {
-            Some((_, a)) => *a,
-            None => match bound.iter().find(|(t, _, _)| !listen.iter().any(|(l, _)| l == t)) {
+        let moved = listen.iter().find(|(t, _)| *t == transport).map(|(_, a)| *a);
+        let at = match moved {
+            Some(a) => a,
+            None => match addrs.iter().find(|(t, _)| !listen.iter().any(|(l, _)| l == t)) {
                 // The port the first transport on `addr` got.
-                Some((_, first, _)) => SocketAddr::new(addr.ip(), first.port()),
+                Some((_, first)) => SocketAddr::new(addr.ip(), first.port()),
                 None => addr,
             },
         };
@@ -292,21 +394,37 @@ fn bind_all(
             addr: at.to_string(),
             source,
         };
-        let (local, socket) = match transport {
-            #[cfg(feature = "grpc")]
-            Transport::Grpc => {
-                let std = std::net::TcpListener::bind(at).map_err(bind_err)?;
-                std.set_nonblocking(true).map_err(bind_err)?;
-                let listener = tokio::net::TcpListener::from_std(std).map_err(bind_err)?;
-                (listener.local_addr().map_err(bind_err)?, Socket::Tcp(listener))
+        #[cfg(any(feature = "grpc", feature = "tcp"))]
+        if on_tcp(transport) {
+            // Another TCP transport already listens there: share its listener.
+            let shared = sockets.iter_mut().find_map(|s| match s {
+                Socket::Tcp { listener, transports } if at.port() != 0 && listener.local_addr().ok() == Some(at) => {
+                    Some(transports)
+                }
+                #[allow(unreachable_patterns)]
+                _ => None,
+            });
+            if let Some(sharing) = shared {
+                sharing.push(transport);
+                addrs.push((transport, at));
+                continue;
             }
-            #[cfg(feature = "quic")]
-            Transport::Quic => {
-                let socket = crate::quic::udp_socket(at, &config.quic).map_err(bind_err)?;
-                (socket.local_addr().map_err(bind_err)?, Socket::Udp(socket))
-            }
-        };
-        bound.push((transport, local, socket));
+            let std = std::net::TcpListener::bind(at).map_err(bind_err)?;
+            std.set_nonblocking(true).map_err(bind_err)?;
+            let listener = tokio::net::TcpListener::from_std(std).map_err(bind_err)?;
+            addrs.push((transport, listener.local_addr().map_err(bind_err)?));
+            sockets.push(Socket::Tcp {
+                listener,
+                transports: vec![transport],
+            });
+            continue;
+        }
+        #[cfg(feature = "quic")]
+        if transport == Transport::Quic {
+            let socket = crate::quic::udp_socket(at, &config.quic).map_err(bind_err)?;
+            addrs.push((transport, socket.local_addr().map_err(bind_err)?));
+            sockets.push(Socket::Udp(socket));
+        }
     }
-    Ok(bound)
+    Ok((addrs, sockets))
 }

@@ -444,12 +444,20 @@ impl TlsConfig {
     /// Client certificates (`client-<name>.raftwire`) are refused here: they may not speak
     /// Raft.
     pub(crate) fn server_config(&self, alpn: &[u8]) -> Result<rustls::ServerConfig, TlsError> {
+        self.server_config_for(&[alpn])
+    }
+
+    /// Like [`TlsConfig::server_config`], offering every protocol of `alpns` (transports
+    /// sharing one TCP port are told apart by the protocol the client asks for).
+    pub(crate) fn server_config_for(&self, alpns: &[&[u8]]) -> Result<rustls::ServerConfig, TlsError> {
         let i = &self.inner;
         let verifier = NodeClientVerifier {
             inner: client_verifier(&i.roots, &i.provider)?,
             allowed: i.allowed_peers.clone(),
         };
-        self.server_config_with(Arc::new(verifier), alpn)
+        let mut config = self.server_config_with(Arc::new(verifier), alpns[0])?;
+        config.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+        Ok(config)
     }
 
     /// A server config for the client API listener: this node's certificate, TLS 1.3, and a

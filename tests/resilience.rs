@@ -32,6 +32,8 @@ async fn relay(transport: Transport, target: SocketAddr, one_way: Duration) -> R
     match transport {
         #[cfg(feature = "grpc")]
         Transport::Grpc => Relay::tcp(target, one_way).await,
+        #[cfg(feature = "tcp")]
+        Transport::Tcp => Relay::tcp(target, one_way).await,
         _ => Relay::udp(target, one_way).await,
     }
 }

@@ -371,6 +371,8 @@ async fn connection_killed_mid_snapshot_installs_nothing(transport: Transport) {
     let relay = match transport {
         #[cfg(feature = "grpc")]
         Transport::Grpc => Relay::tcp(target, Duration::ZERO).await,
+        #[cfg(feature = "tcp")]
+        Transport::Tcp => Relay::tcp(target, Duration::ZERO).await,
         _ => Relay::udp(target, Duration::ZERO).await,
     };
     let to = BasicNode::new(relay.addr.to_string());

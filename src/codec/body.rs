@@ -354,6 +354,7 @@ pub(super) fn encode_frame<C: RaftWireConfig>(
                 put_opt_log_id(&mut w, actual);
             }
         },
+        Message::End => {}
         Message::Error { code, message } => {
             w.u16(*code as u16);
             w.slice(message.as_bytes());
@@ -702,6 +703,7 @@ pub(super) fn decode_body<C: RaftWireConfig>(kind: Kind, body: Bytes) -> Result<
         }),
         Kind::TransferLeader => Message::TransferLeader(get_transfer_request(r)?),
         Kind::TransferLeaderReply => Message::TransferLeaderReply(get_transfer_response(r)?),
+        Kind::End => Message::End,
         Kind::Error => {
             let (code, message) = get_error(r)?;
             Message::Error { code, message }

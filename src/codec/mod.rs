@@ -1,5 +1,5 @@
-//! Framing for the QUIC transport: turns openraft messages into length-prefixed frames and
-//! back, without doing any I/O.
+//! Framing for the QUIC and TCP transports: turns openraft messages into length-prefixed
+//! frames and back, without doing any I/O.
 //!
 //! A frame is an 18-byte [`Header`] followed by a body whose layout depends on the
 //! [`Kind`]. All integers are big-endian:
@@ -24,8 +24,6 @@
 //! Any [`FrameError`] leaves the byte stream out of step: the connection or stream that
 //! produced it is answered with an [`Kind::Error`] frame (see [`FrameError::error_code`])
 //! and closed.
-
-// Used by the QUIC transport (next change).
 
 mod body;
 #[cfg(test)]
@@ -58,6 +56,29 @@ pub(crate) const VERSION: u8 = 1;
 
 /// Size of the frame header in bytes.
 pub(crate) const HEADER_LEN: usize = 18;
+
+/// An `End` frame (request id 0, empty body), whole.
+#[cfg(feature = "tcp")]
+pub(crate) const END_FRAME: [u8; HEADER_LEN] = [
+    MAGIC[0],
+    MAGIC[1],
+    VERSION,
+    Kind::End as u8,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+    0,
+];
 
 /// How much of an announced body is reserved before any of it arrives.
 const EAGER_RESERVE: usize = 1 << 20;
@@ -93,6 +114,10 @@ pub(crate) enum Kind {
     /// The last frame of a snapshot transfer: the total data length (8 bytes) and the CRC32C
     /// of the data (4 bytes). A receiver installs nothing without it.
     SnapshotEnd = 13,
+    /// The end of one side of an exchange (empty body). A TCP connection carries exchanges
+    /// one after another, so each side ends its part with this frame where a QUIC stream
+    /// would end; a connection that closes anywhere else was abandoned.
+    End = 14,
     /// The peer could not handle a request: an [`ErrorCode`] and an explanation.
     Error = 15,
 }
@@ -123,6 +148,7 @@ impl TryFrom<u8> for Kind {
             11 => Kind::TransferLeader,
             12 => Kind::TransferLeaderReply,
             13 => Kind::SnapshotEnd,
+            14 => Kind::End,
             15 => Kind::Error,
             other => return Err(other),
         })
@@ -405,6 +431,8 @@ pub(crate) enum Message<C: RaftWireConfig> {
     TransferLeader(TransferLeaderRequest<C>),
     /// See [`Kind::TransferLeaderReply`].
     TransferLeaderReply(TransferLeaderResponse<C>),
+    /// See [`Kind::End`].
+    End,
     /// See [`Kind::Error`].
     Error {
         /// The class of failure.
@@ -431,6 +459,7 @@ impl<C: RaftWireConfig> Message<C> {
             Message::SnapshotAck(_) => Kind::SnapshotAck,
             Message::TransferLeader(_) => Kind::TransferLeader,
             Message::TransferLeaderReply(_) => Kind::TransferLeaderReply,
+            Message::End => Kind::End,
             Message::Error { .. } => Kind::Error,
         }
     }

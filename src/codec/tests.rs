@@ -287,6 +287,7 @@ fn samples() -> Vec<Msg> {
             code: ErrorCode::BadRequest,
             message: String::new(),
         },
+        Message::End,
     ]
 }
 
@@ -317,6 +318,7 @@ fn assert_same(got: &Msg, want: &Msg) {
         (Message::SnapshotEnd(a), Message::SnapshotEnd(b)) => assert_eq!(a, b),
         (Message::TransferLeader(a), Message::TransferLeader(b)) => assert_eq!(a, b),
         (Message::TransferLeaderReply(a), Message::TransferLeaderReply(b)) => assert_eq!(a, b),
+        (Message::End, Message::End) => {}
         (
             Message::Error {
                 code: ca,

@@ -95,7 +95,7 @@ impl Lane {
     /// Never fails and never connects: a bad address or TLS setup surfaces as `Connect` on
     /// first use.
     fn new(addr: &str, target: u64, config: &Config, stats: Stats) -> Self {
-        let tls = config.tls.as_ref().map(|t| t.client_config(target, b"h2"));
+        let tls = config.tls.as_ref().map(|t| t.client_config(target, super::ALPN));
         let (tls, tls_error) = match tls {
             Some(Ok(c)) => (Some(tokio_rustls::TlsConnector::from(Arc::new(c))), None),
             Some(Err(e)) => (None, Some(format!("TLS setup failed: {e}"))),
@@ -545,8 +545,9 @@ impl<C: RaftWireConfig> RequestSink<C> for ChannelSink {
         Ok(size)
     }
 
-    fn finish(&mut self) {
+    async fn finish(&mut self) -> Result<(), TransportError> {
         self.tx = None;
+        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@ mod serve;
 mod server;
 
 pub(crate) use client::Connector;
+pub(crate) use serve::Incoming;
 pub(crate) use serve::serve;
 pub(crate) use server::RaftService;
 use server::remap_oversize;
@@ -19,6 +20,9 @@ use server::remap_oversize;
 pub mod pb {
     tonic::include_proto!("raftwire.v1");
 }
+
+/// gRPC's ALPN protocol id (HTTP/2).
+pub(crate) const ALPN: &[u8] = b"h2";
 
 /// Metadata key set on every error status raftwire's server produces itself.
 pub(crate) const ERROR_MARK: &str = "raftwire-error";

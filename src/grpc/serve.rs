@@ -17,20 +17,17 @@ use tokio::io::AsyncRead;
 use tokio::io::AsyncWrite;
 use tokio::io::ReadBuf;
 use tokio::net::TcpListener;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::pb::raft_server::RaftServer;
+use crate::accept::Accepted;
 use crate::config::Config;
 use crate::error::ServerError;
-use crate::limits::Admission;
 use crate::limits::PeerSlot;
 use crate::service::Service;
 use crate::snapshot::SnapshotData;
-use crate::tls;
 use crate::types::RaftWireConfig;
 
 /// Who is calling: attached to every request of a connection.
@@ -126,101 +123,20 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
     }
 }
 
-type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
-
-/// Accepts TCP connections and completes each TLS handshake in its own task (bounded by
-/// `timeout`), so a slow or hostile client never holds up the others. At most
-/// `max_concurrent_handshakes` run at once: a connection arriving while all are busy is
-/// closed at once. A node over `max_connections_per_peer` has its new connection closed
-/// after the handshake.
-fn accept_tls(
-    listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    timeout: Duration,
-    admission: Arc<Admission>,
-    kill: watch::Receiver<bool>,
-    mut stop: watch::Receiver<bool>,
-) -> (ReceiverStream<io::Result<Conn<TlsStream>>>, AbortOnDrop) {
-    let (tx, rx) = mpsc::channel(64);
-    let task = tokio::spawn(async move {
-        let mut handshakes = JoinSet::new();
-        loop {
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = stop.wait_for(|s| *s) => break,
-            };
-            let (tcp, addr) = match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            while handshakes.try_join_next().is_some() {}
-            let Some(permit) = admission.handshake(addr) else {
-                // Dropping the socket closes it: nothing is held for this peer.
-                drop(tcp);
-                continue;
-            };
-            let (acceptor, tx, kill, admission) =
-                (acceptor.clone(), tx.clone(), kill.clone(), admission.clone());
-            // Handshakes are tasks of this loop: stopping the loop stops them too.
-            handshakes.spawn(async move {
-                let _ = tcp.set_nodelay(true);
-                let handshake = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
-                drop(permit);
-                let stream = match handshake {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => return tracing::warn!(%addr, "TLS handshake refused: {e}"),
-                    Err(_) => return tracing::warn!(%addr, "TLS handshake timed out after {timeout:?}"),
-                };
-                let Some(node_id) = tls::peer_node_id(stream.get_ref().1.peer_certificates()) else {
-                    // The verifier already refuses certificates without a node id.
-                    return tracing::warn!(%addr, "TLS peer has no node identity; closing");
-                };
-                // Logged by `admit`; dropping the stream closes the connection.
-                let Some(slot) = admission.admit(node_id, addr) else {
-                    return;
-                };
-                tracing::debug!(%addr, node_id, "TLS connection accepted");
-                let info = ConnInfo {
-                    node_id: Some(node_id),
-                    addr,
-                };
-                let _ = tx.send(Ok(Conn::new(stream, info, kill, Some(slot)))).await;
-            });
-        }
-        // Shutting down: no new connection is taken, and none is left half made.
-        drop(listener);
-        handshakes.shutdown().await;
-    });
-    (ReceiverStream::new(rx), AbortOnDrop(task))
+/// Where the gRPC server's connections come from.
+pub(crate) enum Incoming {
+    /// Plain TCP (an explicit opt-in): every connection of this listener.
+    Plain(TcpListener),
+    /// TLS connections the shared accept loop handed over (see `accept`).
+    Tls(mpsc::Receiver<Accepted>),
 }
 
-/// Stops the accept loop (and so releases the listening port) however `serve` ends.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl AbortOnDrop {
-    /// Waits for the loop to end by itself (it does once shutdown is signalled).
-    async fn finished(&mut self) {
-        let _ = (&mut self.0).await;
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// Serves `service` over gRPC on `listener` until `shutdown` fires; then stops accepting,
+/// Serves `service` over gRPC on `incoming` until `shutdown` fires; then stops accepting,
 /// gives open calls the configured grace period and closes every connection.
 pub(crate) async fn serve<C, SM>(
     service: Arc<Service<C, SM>>,
     config: Config,
-    listener: TcpListener,
+    incoming: Incoming,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ServerError>
 where
@@ -250,8 +166,8 @@ where
     let stop = async move {
         let _ = stop.wait_for(|s| *s).await;
     };
-    let (serving, mut accepting) = match &config.tls {
-        None => {
+    let serving = match incoming {
+        Incoming::Plain(listener) => {
             // Accepted sockets do not inherit the builder's nodelay: without it, small replies
             // wait on Nagle's algorithm and the peer's delayed ACK.
             let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener).map(move |conn| {
@@ -261,26 +177,17 @@ where
                     Conn::new(tcp, ConnInfo { node_id: None, addr }, kill.clone(), None)
                 })
             });
-            (router.serve_with_incoming_shutdown(incoming, stop).boxed(), None)
+            router.serve_with_incoming_shutdown(incoming, stop).boxed()
         }
-        Some(tls) => {
-            let server_config = tls
-                .server_config(b"h2")
-                .map_err(|e| ServerError::Serve(e.to_string()))?;
-            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
-            let admission = Admission::new(&config);
-            let (incoming, accepting) = accept_tls(
-                listener,
-                acceptor,
-                config.connect_timeout,
-                admission,
-                kill,
-                shutdown.clone(),
-            );
-            (
-                router.serve_with_incoming_shutdown(incoming, stop).boxed(),
-                Some(accepting),
-            )
+        Incoming::Tls(accepted) => {
+            let incoming = ReceiverStream::new(accepted).map(move |a| {
+                let info = ConnInfo {
+                    node_id: Some(a.node_id),
+                    addr: a.addr,
+                };
+                Ok::<_, io::Error>(Conn::new(a.stream, info, kill.clone(), Some(a.slot)))
+            });
+            router.serve_with_incoming_shutdown(incoming, stop).boxed()
         }
     };
     let mut serving = serving;
@@ -288,9 +195,6 @@ where
     tokio::select! {
         result = &mut serving => return result.map_err(|e| ServerError::Serve(e.to_string())),
         _ = shutdown.wait_for(|s| *s) => {}
-    }
-    if let Some(accepting) = accepting.as_mut() {
-        accepting.finished().await;
     }
     // tonic has stopped accepting and asked every connection to close (GOAWAY); calls in
     // flight get the grace period, then every connection is cut.

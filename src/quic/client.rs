@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use openraft::alias::SnapshotMetaOf;
@@ -13,7 +12,6 @@ use openraft::alias::VoteOf;
 use openraft::network::RPCTypes;
 use openraft::raft::AppendEntriesRequest;
 use openraft::raft::AppendEntriesResponse;
-use openraft::raft::SnapshotResponse;
 use openraft::raft::TransferLeaderRequest;
 use openraft::raft::TransferLeaderResponse;
 use openraft::raft::VoteRequest;
@@ -21,7 +19,6 @@ use openraft::raft::VoteResponse;
 
 use super::FrameReader;
 use super::Outgoing;
-use super::WriteError;
 use crate::codec::Message;
 use crate::config::Config;
 use crate::config::QuicTuning;
@@ -29,15 +26,14 @@ use crate::connect::Dialer;
 use crate::error::TransportError;
 use crate::error::error_chain;
 use crate::error::handshake_refusal;
+use crate::framed;
+use crate::framed::client::failed;
+use crate::framed::client::unexpected;
 use crate::link;
 use crate::link::Link;
 use crate::link::Purpose;
 use crate::link::Replies;
 use crate::link::SnapshotUpload;
-use crate::pipeline;
-use crate::pipeline::RequestSink;
-use crate::pipeline::SendError;
-use crate::snapshot::Trailer;
 use crate::stats::Stats;
 use crate::tls;
 use crate::types::RaftWireConfig;
@@ -214,12 +210,8 @@ impl Lane {
         priority: i32,
     ) -> Result<Message<C>, TransportError> {
         let work = async {
-            let (mut send, mut reader) = self.open(rpc, priority).await?;
-            send.write(0, &msg, self.shared.max_len)
-                .await
-                .map_err(|e| write_failed(&self.addr, rpc, e))?;
-            send.finish();
-            reply(&self.addr, rpc, 0, reader.next::<C>().await)
+            let (send, reader) = self.open(rpc, priority).await?;
+            framed::client::call(&self.addr, rpc, send, reader, msg, self.shared.max_len).await
         };
         let outcome = tokio::time::timeout(deadline, work)
             .await
@@ -309,32 +301,16 @@ impl<C: RaftWireConfig> Link<C> for Lane {
             let (send, reader) = tokio::time::timeout(deadline, self.open(rpc, priority))
                 .await
                 .map_err(|_| TransportError::Timeout { rpc, after: deadline })??;
-            // Replies come in request order: the n-th carries request id n.
-            let addr = &self.addr;
-            let replies = futures::stream::unfold((reader, 0u64), move |(mut reader, id)| async move {
-                let item = match reader.next::<C>().await {
-                    Ok(None) => return None,
-                    next => reply(addr, rpc, id, next).and_then(|m| match m {
-                        Message::StreamAppendReply(r) => Ok(r),
-                        other => Err(unexpected(rpc, &other)),
-                    }),
-                };
-                Some((item, (reader, id + 1)))
-            });
-            let sink = StreamSink {
-                addr,
+            let session = framed::client::stream_append(
+                &self.addr,
                 send,
-                next_id: 0,
-                max_len: self.shared.max_len,
-            };
-            let session = pipeline::run(
+                reader,
                 input,
-                sink,
-                Box::pin(replies),
-                config.window(),
+                config,
                 deadline,
+                purpose,
+                self.shared.max_len,
                 self.stats.clone(),
-                purpose.stream_kind(),
             );
             Ok(link::observed(session, &self.dialer))
         })
@@ -359,163 +335,8 @@ impl<C: RaftWireConfig> Link<C> for Lane {
     ) -> BoxFuture<'s, Result<Box<dyn SnapshotUpload<C> + 's>, TransportError>> {
         Box::pin(async move {
             let rpc = RPCTypes::InstallSnapshot;
-            let (mut send, reader) = self.open(rpc, 0).await?;
-            let max_len = self.shared.max_len;
-            send.write(0, &Message::<C>::SnapshotMeta { vote, meta }, max_len)
-                .await
-                .map_err(|e| write_failed(&self.addr, rpc, e))?;
-            let upload: Box<dyn SnapshotUpload<C> + 's> = Box::new(Upload {
-                addr: &self.addr,
-                send,
-                reader,
-                next_id: 1,
-                max_len,
-            });
-            Ok(upload)
+            let (send, reader) = self.open(rpc, 0).await?;
+            framed::client::open_snapshot(&self.addr, send, reader, vote, meta, self.shared.max_len).await
         })
-    }
-}
-
-/// A snapshot stream: chunk frames, then the trailer. Dropped unfinished, the stream is reset.
-struct Upload<'a> {
-    addr: &'a str,
-    send: Outgoing,
-    reader: FrameReader,
-    next_id: u64,
-    max_len: usize,
-}
-
-impl<C: RaftWireConfig> SnapshotUpload<C> for Upload<'_> {
-    fn send(&mut self, data: Bytes) -> BoxFuture<'_, Result<(), TransportError>> {
-        Box::pin(async move {
-            let id = self.next_id;
-            self.next_id += 1;
-            self.send
-                .write(id, &Message::<C>::SnapshotChunk(data), self.max_len)
-                .await
-                .map(|_| ())
-                .map_err(|e| write_failed(self.addr, RPCTypes::InstallSnapshot, e))
-        })
-    }
-
-    fn finish(&mut self, trailer: Trailer) -> BoxFuture<'_, Result<SnapshotResponse<C>, TransportError>> {
-        Box::pin(async move {
-            let rpc = RPCTypes::InstallSnapshot;
-            self.send
-                .write(self.next_id, &Message::<C>::SnapshotEnd(trailer), self.max_len)
-                .await
-                .map_err(|e| write_failed(self.addr, rpc, e))?;
-            self.send.finish();
-            // The receiver answers under the id of the stream's first frame, the meta's: 0.
-            match reply(self.addr, rpc, 0, self.reader.next::<C>().await)? {
-                Message::SnapshotAck(r) => Ok(r),
-                other => Err(unexpected(rpc, &other)),
-            }
-        })
-    }
-}
-
-struct StreamSink<'a> {
-    addr: &'a str,
-    send: Outgoing,
-    next_id: u64,
-    max_len: usize,
-}
-
-impl<C: RaftWireConfig> RequestSink<C> for StreamSink<'_> {
-    async fn send(&mut self, req: AppendEntriesRequest<C>) -> Result<usize, SendError<C>> {
-        let msg = Message::StreamAppend(req);
-        match self.send.write(self.next_id, &msg, self.max_len).await {
-            Ok(size) => {
-                self.next_id += 1;
-                Ok(size)
-            }
-            // Refused by the encoder before a byte was written: the stream is intact.
-            Err(WriteError::Frame(crate::codec::FrameError::TooLarge { len, max })) => match msg {
-                Message::StreamAppend(req) => Err(SendError::TooLarge {
-                    req,
-                    size: usize::try_from(len).unwrap_or(usize::MAX),
-                    max,
-                }),
-                _ => Err(SendError::Failed(TransportError::TooLarge {
-                    size: usize::try_from(len).unwrap_or(usize::MAX),
-                    max,
-                })),
-            },
-            Err(e) => Err(SendError::Failed(write_failed(
-                self.addr,
-                RPCTypes::AppendEntries,
-                e,
-            ))),
-        }
-    }
-
-    fn finish(&mut self) {
-        self.send.finish();
-    }
-}
-
-/// The reply frame to request `expected`, or the error the peer sent instead. A reply under
-/// another request id is a protocol error; an error frame may carry id 0 (a refusal that
-/// answers whatever the stream was for).
-fn reply<C: RaftWireConfig>(
-    addr: &str,
-    rpc: RPCTypes,
-    expected: u64,
-    next: Result<Option<(u64, Message<C>)>, super::ReadError>,
-) -> Result<Message<C>, TransportError> {
-    match next {
-        Ok(Some((id, Message::Error { code, message }))) if id == 0 || id == expected => {
-            Err(TransportError::Remote {
-                rpc,
-                reason: format!("{code:?}: {message}"),
-            })
-        }
-        Ok(Some((id, msg))) if id != expected => Err(TransportError::Broken {
-            rpc,
-            reason: format!(
-                "the peer answered request {expected} with a {:?} frame for request {id}",
-                msg.kind()
-            ),
-        }),
-        Ok(Some((_, msg))) => Ok(msg),
-        Ok(None) => Err(TransportError::Broken {
-            rpc,
-            reason: "the peer closed the stream without replying".into(),
-        }),
-        Err(super::ReadError::Frame(crate::codec::FrameError::Body { source, .. })) => {
-            Err(TransportError::Decode { rpc, source })
-        }
-        Err(e) => Err(failed(addr, rpc, e)),
-    }
-}
-
-fn unexpected<C: RaftWireConfig>(rpc: RPCTypes, msg: &Message<C>) -> TransportError {
-    TransportError::Broken {
-        rpc,
-        reason: format!("unexpected {:?} frame in reply", msg.kind()),
-    }
-}
-
-/// A stream that failed: `Connect` when the connection under it was refused (the server
-/// checks our certificate only after our side of the handshake is done, so its refusal can
-/// end the first stream), `Broken` otherwise.
-fn failed(addr: &str, rpc: RPCTypes, e: impl std::error::Error + 'static) -> TransportError {
-    match handshake_refusal(&e) {
-        Some(reason) => TransportError::Connect {
-            addr: addr.to_string(),
-            reason,
-        },
-        None => TransportError::Broken {
-            rpc,
-            reason: error_chain(&e),
-        },
-    }
-}
-
-fn write_failed(addr: &str, rpc: RPCTypes, e: WriteError) -> TransportError {
-    match e {
-        WriteError::Frame(crate::codec::FrameError::Encode(e)) => TransportError::Encode(e),
-        other => failed(addr, rpc, other),
     }
 }

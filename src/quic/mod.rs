@@ -13,22 +13,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use bytes::BytesMut;
 use quinn::VarInt;
-use tokio::io::AsyncReadExt;
 
 pub(crate) use client::Connector;
 pub(crate) use server::serve;
 
-use crate::codec;
 use crate::codec::ErrorCode;
-use crate::codec::FrameDecoder;
-use crate::codec::FrameError;
-use crate::codec::Message;
 use crate::config::Config;
 use crate::config::CongestionControl;
 use crate::config::QuicTuning;
-use crate::types::RaftWireConfig;
 
 /// raftwire's ALPN protocol id on QUIC.
 pub(crate) const ALPN: &[u8] = b"raftwire/1";
@@ -143,134 +136,41 @@ pub(crate) fn refusal(e: &quinn::ConnectionError) -> Option<String> {
     }
 }
 
-/// Why reading a frame from a stream failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ReadError {
-    #[error("stream failed: {0}")]
-    Stream(#[from] std::io::Error),
-    #[error("stream ended inside a frame ({0} bytes buffered)")]
-    Truncated(usize),
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-}
+/// A QUIC stream ends an exchange with its FIN.
+impl crate::framed::RecvHalf for quinn::RecvStream {
+    const END_FRAMES: bool = false;
 
-/// Reads whole frames from a receive stream into one buffer; a frame's body is split off that
-/// buffer without copying, and only the current frame's size is ever reserved.
-pub(crate) struct FrameReader {
-    recv: quinn::RecvStream,
-    buf: BytesMut,
-    decoder: FrameDecoder,
-    /// Bytes read are added here (a client's, per peer; a no-op otherwise).
-    received: metrics::Counter,
-}
-
-impl FrameReader {
-    pub(crate) fn new(recv: quinn::RecvStream, max_len: usize) -> Self {
-        FrameReader {
-            recv,
-            buf: BytesMut::with_capacity(4096),
-            decoder: FrameDecoder::new(max_len),
-            received: metrics::Counter::noop(),
-        }
-    }
-
-    /// Adds every byte read to `received`.
-    pub(crate) fn counted(mut self, received: metrics::Counter) -> Self {
-        self.received = received;
-        self
-    }
-
-    /// The next frame as (request id, message); `None` when the peer finished the stream at a
-    /// frame boundary.
-    pub(crate) async fn next<C: RaftWireConfig>(&mut self) -> Result<Option<(u64, Message<C>)>, ReadError> {
-        loop {
-            if let Some((header, body)) = self.decoder.decode(&mut self.buf)? {
-                return Ok(Some((header.request_id, codec::decode::<C>(&header, body)?)));
-            }
-            if self.buf.capacity() == self.buf.len() {
-                self.buf.reserve(4096);
-            }
-            match self.recv.read_buf(&mut self.buf).await? {
-                0 => {
-                    return match self.buf.len() {
-                        0 => Ok(None),
-                        n => Err(ReadError::Truncated(n)),
-                    };
-                }
-                n => self.received.increment(n as u64),
-            }
-        }
-    }
-
-    /// Also refuses control requests longer than `max` from their frame header (see
-    /// [`FrameDecoder::with_control_limit`]).
-    pub(crate) fn with_control_limit(mut self, max: usize) -> Self {
-        self.decoder = std::mem::replace(&mut self.decoder, FrameDecoder::new(0)).with_control_limit(max);
-        self
-    }
-
-    /// Tells the peer to stop sending on this stream, with `code`.
-    pub(crate) fn stop(&mut self, c: ErrorCode) {
-        let _ = self.recv.stop(code(c));
+    fn stop(&mut self, c: ErrorCode) {
+        let _ = quinn::RecvStream::stop(self, code(c));
     }
 }
 
-/// The sending half of a stream, reset (never finished) when dropped unfinished.
-///
-/// quinn finishes a dropped `SendStream`, so the peer would see a clean end after whatever
-/// frames made it: a cancelled or failed sender must not look like a complete one.
-pub(crate) struct Outgoing {
-    send: quinn::SendStream,
-    finished: bool,
-    /// Bytes written are added here (a client's, per peer; a no-op otherwise).
-    sent: metrics::Counter,
-}
-
-impl Outgoing {
-    pub(crate) fn new(send: quinn::SendStream) -> Self {
-        Outgoing {
-            send,
-            finished: false,
-            sent: metrics::Counter::noop(),
-        }
+impl crate::framed::SendHalf for quinn::SendStream {
+    async fn write_chunks(&mut self, chunks: &mut [Bytes]) -> std::io::Result<()> {
+        self.write_all_chunks(chunks).await.map_err(std::io::Error::from)
     }
 
-    /// Adds every byte written to `sent`.
-    pub(crate) fn counted(mut self, sent: metrics::Counter) -> Self {
-        self.sent = sent;
-        self
+    async fn finish(&mut self) -> std::io::Result<()> {
+        quinn::SendStream::finish(self).map_err(|e| std::io::Error::new(std::io::ErrorKind::BrokenPipe, e))
     }
 
-    /// Encodes `msg` and writes it as one vectored write of its chunks (entry payloads and
-    /// snapshot data go out as the `Bytes` they are, uncopied). Not cancel-safe: a write
-    /// dropped halfway leaves a partial frame, so the stream must then be abandoned.
-    pub(crate) async fn write<C: RaftWireConfig>(
-        &mut self,
-        request_id: u64,
-        msg: &Message<C>,
-        max_len: usize,
-    ) -> Result<usize, WriteError> {
-        let mut chunks: Vec<Bytes> = Vec::with_capacity(4);
-        let size = codec::encode(request_id, msg, max_len, &mut chunks)?;
-        self.send.write_all_chunks(&mut chunks).await?;
-        self.sent.increment(size as u64);
-        Ok(size)
+    async fn write_last(&mut self, chunks: &mut Vec<Bytes>) -> std::io::Result<()> {
+        crate::framed::SendHalf::write_chunks(self, chunks).await?;
+        crate::framed::SendHalf::finish(self).await
     }
 
-    /// Ends the stream cleanly: everything written is complete.
-    pub(crate) fn finish(&mut self) {
-        self.finished = true;
-        let _ = self.send.finish();
+    /// quinn finishes a dropped `SendStream`, so the peer would see a clean end after
+    /// whatever frames made it: an abandoned stream is reset instead.
+    fn abort(&mut self) {
+        let _ = self.reset(code(ErrorCode::Aborted));
     }
 }
 
-impl Drop for Outgoing {
-    fn drop(&mut self) {
-        if !self.finished {
-            let _ = self.send.reset(code(ErrorCode::Aborted));
-        }
-    }
-}
+/// Frames off one QUIC receive stream.
+pub(crate) type FrameReader = crate::framed::FrameReader<quinn::RecvStream>;
+
+/// Frames onto one QUIC send stream, reset when dropped unfinished.
+pub(crate) type Outgoing = crate::framed::Outgoing<quinn::SendStream>;
 
 /// The endpoint settings both sides use. The stateless-reset key is derived from this node's
 /// private key, so it survives a restart: a peer that crashed and came back on the same
@@ -287,15 +187,6 @@ pub(crate) fn endpoint_config(tls: Option<&crate::tls::TlsConfig>) -> quinn::End
         }
         None => quinn::EndpointConfig::default(),
     }
-}
-
-/// Why writing a frame failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum WriteError {
-    #[error(transparent)]
-    Frame(#[from] FrameError),
-    #[error("stream write failed: {0}")]
-    Stream(#[from] quinn::WriteError),
 }
 
 /// The largest frame body a config allows (the codec's limit), with room for the header.

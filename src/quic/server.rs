@@ -1,12 +1,9 @@
 //! The QUIC server side: accepts connections, reads each stream's frames and hands them to
 //! the shared server core; nothing here decides what a request may do.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::time::Duration;
 
-use futures::StreamExt;
 use openraft::storage::RaftStateMachine;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::sync::watch;
@@ -14,18 +11,14 @@ use tokio::task::JoinSet;
 
 use super::FrameReader;
 use super::Outgoing;
-use super::ReadError;
 use crate::codec::ErrorCode;
-use crate::codec::Message;
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::framed::server::Served;
+use crate::framed::server::exchange;
 use crate::limits::Admission;
 use crate::service::Caller;
-use crate::service::Refusal;
-use crate::service::RefusalKind;
 use crate::service::Service;
-use crate::service::refuse;
-use crate::snapshot::Part;
 use crate::snapshot::SnapshotData;
 use crate::tls;
 use crate::types::RaftWireConfig;
@@ -39,38 +32,6 @@ struct Ctx<C: RaftWireConfig, SM: RaftStateMachine<C>> {
     max_control: usize,
     admission: Arc<Admission>,
     handshake_timeout: Duration,
-}
-
-/// The wire code of a refusal.
-fn error_code(kind: RefusalKind) -> ErrorCode {
-    match kind {
-        RefusalKind::BadRequest => ErrorCode::BadRequest,
-        RefusalKind::TooLarge => ErrorCode::TooLarge,
-        RefusalKind::Forbidden => ErrorCode::Forbidden,
-        RefusalKind::UnexpectedKind => ErrorCode::UnexpectedKind,
-        RefusalKind::Unavailable => ErrorCode::Refused,
-        RefusalKind::Timeout => ErrorCode::Timeout,
-        RefusalKind::Internal => ErrorCode::Internal,
-        RefusalKind::Broken => ErrorCode::Aborted,
-    }
-}
-
-/// A read error under a session already under way: a stream the peer reset or a connection
-/// that went away is the session ending, not a bad request.
-fn session_read_refusal(e: ReadError) -> Refusal {
-    match e {
-        ReadError::Stream(io) => Refusal::new(RefusalKind::Broken, format!("stream failed: {io}")),
-        other => read_refusal(other),
-    }
-}
-
-fn read_refusal(e: ReadError) -> Refusal {
-    match &e {
-        ReadError::Frame(f) if f.error_code() == ErrorCode::TooLarge => {
-            Refusal::new(RefusalKind::TooLarge, e)
-        }
-        _ => Refusal::new(RefusalKind::BadRequest, e),
-    }
 }
 
 /// Serves `service` over QUIC on `socket` until `shutdown` fires; then stops accepting, gives
@@ -232,158 +193,18 @@ async fn connection<C, SM>(
     while streams.join_next().await.is_some() {}
 }
 
-/// Serves one stream: its first frame says what it is for.
-async fn stream<C, SM>(mut send: Outgoing, mut reader: FrameReader, ctx: Arc<Ctx<C, SM>>, caller: Caller)
+/// Serves one stream: one exchange.
+async fn stream<C, SM>(send: Outgoing, reader: FrameReader, ctx: Arc<Ctx<C, SM>>, caller: Caller)
 where
     C: RaftWireConfig,
     SM: RaftStateMachine<C>,
     SM::SnapshotData: SnapshotData,
 {
-    let outcome = match tokio::time::timeout(FIRST_FRAME_TIMEOUT, reader.next::<C>()).await {
-        Err(_) => Err(refuse(
-            &caller,
-            "QUIC",
-            RefusalKind::BadRequest,
-            "no frame within 10 s",
-        )),
-        Ok(Ok(None)) => {
-            send.finish();
-            return;
-        }
-        Ok(Err(e)) => {
-            // A bad or oversized first frame: the peer need not send the rest of it.
-            if let ReadError::Frame(f) = &e {
-                reader.stop(f.error_code());
-            }
-            let r = read_refusal(e);
-            Err(refuse(&caller, "QUIC", r.kind, r.message))
-        }
-        Ok(Ok(Some((id, msg)))) => dispatch(id, msg, &mut send, reader, &ctx, caller).await,
+    let served = Served {
+        service: &ctx.service,
+        max_len: ctx.max_len,
+        first_frame: FIRST_FRAME_TIMEOUT,
+        transport: "QUIC",
     };
-    if let Err(refusal) = outcome {
-        // Logged where it was made (the core, or `refuse` above).
-        let frame = Message::<C>::Error {
-            code: error_code(refusal.kind),
-            message: refusal.message,
-        };
-        let _ = send.write(0, &frame, ctx.max_len).await;
-    }
-    send.finish();
-}
-
-async fn dispatch<C, SM>(
-    id: u64,
-    msg: Message<C>,
-    send: &mut Outgoing,
-    mut reader: FrameReader,
-    ctx: &Ctx<C, SM>,
-    caller: Caller,
-) -> Result<(), Refusal>
-where
-    C: RaftWireConfig,
-    SM: RaftStateMachine<C>,
-    SM::SnapshotData: SnapshotData,
-{
-    let svc = &ctx.service;
-    let reply = match msg {
-        Message::Vote(req) => Message::VoteReply(svc.vote(caller, req, false).await?),
-        Message::PreVote(req) => Message::VoteReply(svc.vote(caller, req, true).await?),
-        Message::Append(req) => Message::AppendReply(svc.append(caller, req).await?),
-        Message::TransferLeader(req) => Message::TransferLeaderReply(svc.transfer_leader(caller, req).await?),
-        Message::StreamAppend(req) => return stream_append(id, req, send, reader, ctx, caller).await,
-        Message::SnapshotMeta { vote, meta } => {
-            let parts = futures::stream::unfold(Some(reader), |reader| async move {
-                let mut reader = reader?;
-                let part = match reader.next::<C>().await {
-                    Ok(None) => return None,
-                    Ok(Some((_, Message::SnapshotChunk(bytes)))) => Ok(Part::Data(bytes)),
-                    Ok(Some((_, Message::SnapshotEnd(trailer)))) => Ok(Part::End(trailer)),
-                    Ok(Some((_, other))) => {
-                        reader.stop(ErrorCode::UnexpectedKind);
-                        Err(Refusal::new(
-                            RefusalKind::UnexpectedKind,
-                            format!("{:?} inside a snapshot", other.kind()),
-                        ))
-                    }
-                    Err(e) => Err(session_read_refusal(e)),
-                };
-                // After an error nothing more is read from the stream.
-                let go_on = part.is_ok();
-                Some((part, go_on.then_some(reader)))
-            });
-            Message::SnapshotAck(svc.install_snapshot(caller, vote, meta, parts).await?)
-        }
-        other => {
-            reader.stop(ErrorCode::UnexpectedKind);
-            return Err(refuse(
-                &caller,
-                "QUIC",
-                RefusalKind::UnexpectedKind,
-                format!("a stream cannot start with {:?}", other.kind()),
-            ));
-        }
-    };
-    send.write(id, &reply, ctx.max_len)
-        .await
-        .map(|_| ())
-        .map_err(|e| Refusal::new(RefusalKind::Internal, e))
-}
-
-/// Reads the stream's requests into the core's `stream_append` and writes each result back
-/// under its request's id, in order. A bad frame ends the input; it is answered with an error
-/// frame after the replies to every request before it.
-async fn stream_append<C, SM>(
-    first_id: u64,
-    first: openraft::raft::AppendEntriesRequest<C>,
-    send: &mut Outgoing,
-    reader: FrameReader,
-    ctx: &Ctx<C, SM>,
-    caller: Caller,
-) -> Result<(), Refusal>
-where
-    C: RaftWireConfig,
-    SM: RaftStateMachine<C>,
-    SM::SnapshotData: SnapshotData,
-{
-    let ids: Arc<Mutex<VecDeque<u64>>> = Arc::new(Mutex::new(VecDeque::from([first_id])));
-    let input_ids = ids.clone();
-    let rest = futures::stream::unfold(Some(reader), move |reader| {
-        let ids = input_ids.clone();
-        async move {
-            let mut reader = reader?;
-            let item = match reader.next::<C>().await {
-                Ok(None) => return None,
-                Ok(Some((id, Message::StreamAppend(req)))) => {
-                    ids.lock().unwrap_or_else(|p| p.into_inner()).push_back(id);
-                    Ok(req)
-                }
-                Ok(Some((_, other))) => {
-                    reader.stop(ErrorCode::UnexpectedKind);
-                    Err(Refusal::new(
-                        RefusalKind::UnexpectedKind,
-                        format!("{:?} on a replication stream", other.kind()),
-                    ))
-                }
-                Err(e) => {
-                    if let ReadError::Frame(_) = e {
-                        reader.stop(ErrorCode::BadRequest);
-                    }
-                    Err(session_read_refusal(e))
-                }
-            };
-            let go_on = item.is_ok();
-            Some((item, go_on.then_some(reader)))
-        }
-    });
-    let input = futures::stream::once(futures::future::ready(Ok(first))).chain(rest);
-    let mut results = std::pin::pin!(ctx.service.stream_append(caller, input));
-    while let Some(result) = results.next().await {
-        let result = result?;
-        let id = ids.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-        let id = id.ok_or_else(|| Refusal::new(RefusalKind::Internal, "more results than requests"))?;
-        send.write(id, &Message::StreamAppendReply(result), ctx.max_len)
-            .await
-            .map_err(|e| Refusal::new(RefusalKind::Internal, e))?;
-    }
-    Ok(())
+    exchange(send, reader, &served, caller).await;
 }

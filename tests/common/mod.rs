@@ -31,6 +31,8 @@ pub fn transports() -> Vec<Transport> {
         Transport::Grpc,
         #[cfg(feature = "quic")]
         Transport::Quic,
+        #[cfg(feature = "tcp")]
+        Transport::Tcp,
     ]
 }
 
@@ -158,6 +160,15 @@ macro_rules! on_every_transport {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $scenario() {
                     super::$scenario(raftwire::Transport::Quic).await
+                }
+            )*
+        }
+        #[cfg(feature = "tcp")]
+        mod tcp {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(raftwire::Transport::Tcp).await
                 }
             )*
         }

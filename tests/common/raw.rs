@@ -31,6 +31,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 pub fn alpn(transport: Transport) -> Vec<u8> {
     match transport.name() {
         "grpc" => b"h2".to_vec(),
+        "tcp" => b"raftwire-tcp/1".to_vec(),
         _ => b"raftwire/1".to_vec(),
     }
 }
@@ -81,10 +82,10 @@ pub async fn raw_rpc(
     rpc: (&str, u8),
 ) -> Result<String, String> {
     let attempt = async {
-        if transport.name() == "grpc" {
-            grpc_rpc(crypto, addr, target, rpc.0).await
-        } else {
-            quic_rpc(crypto, addr, target, rpc.1).await
+        match transport.name() {
+            "grpc" => grpc_rpc(crypto, addr, target, rpc.0).await,
+            "tcp" => tcp_rpc(crypto, addr, target, rpc.1).await,
+            _ => quic_rpc(crypto, addr, target, rpc.1).await,
         }
     };
     let outcome = tokio::time::timeout(Duration::from_secs(3), attempt)
@@ -199,4 +200,39 @@ async fn quic_rpc(
         Ok(_) => Err("the stream ended without an answer".into()),
         Err(e) => Err(format!("{e}; connection: {}", closed(conn.closed().await))),
     }
+}
+
+/// An exchange opened with an empty frame of `kind` (then the end of the exchange), over a
+/// raw TLS connection to the TCP transport.
+async fn tcp_rpc(crypto: rustls::ClientConfig, addr: SocketAddr, target: u64, kind: u8) -> Result<String, String> {
+    use tokio::io::AsyncReadExt;
+    use tokio::io::AsyncWriteExt;
+    // How the connection failed: the server's TLS alert by name where it sent one.
+    fn failed(e: std::io::Error) -> String {
+        match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+            Some(rustls::Error::AlertReceived(alert)) => format!("TLS alert {alert:?}"),
+            _ => e.to_string(),
+        }
+    }
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(crypto));
+    let name = rustls::pki_types::ServerName::try_from(raftwire::node_dns_name(target)).unwrap();
+    let mut tls = connector.connect(name, tcp).await.map_err(failed)?;
+    // The server greets an accepted client with an End frame (kind 14).
+    let mut greeting = [0u8; 18];
+    tls.read_exact(&mut greeting).await.map_err(failed)?;
+    assert_eq!(&greeting[..4], b"RW\x01\x0e", "the greeting is an End frame");
+    // An 18-byte header: magic, version 1, kind, no flags, body length 0, request id 0.
+    let mut frame = b"RW\x01".to_vec();
+    frame.push(kind);
+    frame.extend_from_slice(&[0; 14]);
+    frame.extend_from_slice(&greeting);
+    tls.write_all(&frame).await.map_err(failed)?;
+    tls.flush().await.map_err(failed)?;
+    let mut answer = Vec::new();
+    let _ = tls.read_to_end(&mut answer).await;
+    if answer.is_empty() {
+        return Err("the connection ended without an answer".into());
+    }
+    Ok(format!("{} bytes", answer.len()))
 }

@@ -1,0 +1,116 @@
+//! The TLS-over-TCP accept loop every TCP transport shares. Transports listening on the same
+//! port (gRPC and the framed TCP transport) are told apart by the protocol the client asked
+//! for in its TLS handshake (ALPN); each gets its accepted connections through a channel.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::limits::Admission;
+use crate::limits::PeerSlot;
+use crate::tls;
+
+/// A server-side TLS stream over TCP.
+pub(crate) type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// A connection whose handshake succeeded: a certified node, counted against its limit.
+pub(crate) struct Accepted {
+    pub(crate) stream: TlsStream,
+    pub(crate) node_id: u64,
+    pub(crate) addr: SocketAddr,
+    /// Counts this connection against its node's limit while it lives.
+    pub(crate) slot: PeerSlot,
+}
+
+/// Where connections go, by the ALPN protocol their handshake settled on. A client that asked
+/// for none goes to the route marked as the default (gRPC clients that do not send ALPN).
+pub(crate) struct Route {
+    pub(crate) alpn: &'static [u8],
+    pub(crate) default: bool,
+    pub(crate) to: mpsc::Sender<Accepted>,
+}
+
+/// Accepts TCP connections until `stop` fires and completes each TLS handshake in its own
+/// task (bounded by `timeout`), so a slow or hostile client never holds up the others. At most
+/// `max_concurrent_handshakes` run at once: a connection arriving while all are busy is
+/// closed at once. A node over `max_connections_per_peer` has its new connection closed
+/// after the handshake. When it returns, no handshake is left half made.
+pub(crate) async fn accept(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    timeout: Duration,
+    admission: Arc<Admission>,
+    routes: Arc<Vec<Route>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut handshakes = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let (tcp, addr) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        while handshakes.try_join_next().is_some() {}
+        let Some(permit) = admission.handshake(addr) else {
+            // Dropping the socket closes it: nothing is held for this peer.
+            drop(tcp);
+            continue;
+        };
+        let (acceptor, admission, routes) = (acceptor.clone(), admission.clone(), routes.clone());
+        // Handshakes are tasks of this loop: stopping the loop stops them too.
+        handshakes.spawn(async move {
+            let _ = tcp.set_nodelay(true);
+            let handshake = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+            drop(permit);
+            let stream = match handshake {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return tracing::warn!(%addr, "TLS handshake refused: {e}"),
+                Err(_) => return tracing::warn!(%addr, "TLS handshake timed out after {timeout:?}"),
+            };
+            let Some(node_id) = tls::peer_node_id(stream.get_ref().1.peer_certificates()) else {
+                // The verifier already refuses certificates without a node id.
+                return tracing::warn!(%addr, "TLS peer has no node identity; closing");
+            };
+            let alpn = stream.get_ref().1.alpn_protocol();
+            let Some(route) = routes
+                .iter()
+                .find(|r| Some(r.alpn) == alpn || (alpn.is_none() && r.default))
+            else {
+                // rustls refuses a protocol it does not offer; only a client naming none
+                // gets here, with no default route.
+                return tracing::warn!(%addr, node_id, "TLS client named no protocol (ALPN); closing");
+            };
+            // Logged by `admit`; dropping the stream closes the connection.
+            let Some(slot) = admission.admit(node_id, addr) else {
+                return;
+            };
+            tracing::debug!(%addr, node_id, "TLS connection accepted");
+            let _ = route
+                .to
+                .send(Accepted {
+                    stream,
+                    node_id,
+                    addr,
+                    slot,
+                })
+                .await;
+        });
+    }
+    // Shutting down: no new connection is taken, and none is left half made.
+    drop(listener);
+    handshakes.shutdown().await;
+}

@@ -1,0 +1,139 @@
+//! The TCP server side: serves the exchanges of each connection the shared accept loop hands
+//! over, one after another, through the shared server core.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::storage::RaftStateMachine;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio::sync::oneshot;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::accept::Accepted;
+use crate::accept::TlsStream;
+use crate::config::Config;
+use crate::error::ServerError;
+use crate::framed::server::Served;
+use crate::framed::server::exchange;
+use crate::service::Caller;
+use crate::service::Service;
+use crate::snapshot::SnapshotData;
+use crate::types::RaftWireConfig;
+
+/// How long a new connection's greeting may take to leave.
+const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `service` over the framed TCP transport on the connections `incoming` brings until
+/// `shutdown` fires; then gives open exchanges the grace period and closes every connection.
+pub(crate) async fn serve<C, SM>(
+    service: Arc<Service<C, SM>>,
+    config: Config,
+    mut incoming: mpsc::Receiver<Accepted>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ServerError>
+where
+    C: RaftWireConfig,
+    SM: RaftStateMachine<C>,
+    SM::SnapshotData: SnapshotData,
+{
+    let max_len = super::max_frame(&config);
+    let max_control = config.max_control_message_size;
+    // A connection waiting for its next exchange longer than this is closed (clients reuse
+    // theirs for half as long).
+    let idle = config.idle_peer_timeout;
+    let mut connections = JoinSet::new();
+    let mut stopping = shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = stopping.wait_for(|stop| *stop) => break,
+            accepted = incoming.recv() => {
+                let Some(accepted) = accepted else { break };
+                connections.spawn(connection(
+                    accepted,
+                    service.clone(),
+                    (max_len, max_control, idle),
+                    shutdown.clone(),
+                ));
+            }
+        }
+        while connections.try_join_next().is_some() {}
+    }
+    drop(incoming);
+    // Idle connections close at once; exchanges under way get the grace period.
+    let drained = tokio::time::timeout(config.shutdown_grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!(
+            open = connections.len(),
+            "TCP exchanges still open after the shutdown grace period; closing their connections"
+        );
+    }
+    connections.shutdown().await;
+    Ok(())
+}
+
+/// Serves one connection: a greeting, then exchanges one after another for as long as each
+/// ends cleanly.
+async fn connection<C, SM>(
+    accepted: Accepted,
+    service: Arc<Service<C, SM>>,
+    (max_len, max_control, idle): (usize, usize, Duration),
+    mut shutdown: watch::Receiver<bool>,
+) where
+    C: RaftWireConfig,
+    SM: RaftStateMachine<C>,
+    SM::SnapshotData: SnapshotData,
+{
+    let Accepted {
+        stream: mut conn,
+        node_id,
+        addr,
+        slot: _slot,
+    } = accepted;
+    let caller = Caller {
+        node_id: Some(node_id),
+        addr,
+    };
+    let greeted = tokio::time::timeout(GREETING_TIMEOUT, async {
+        conn.write_all(&crate::codec::END_FRAME).await?;
+        conn.flush().await
+    })
+    .await;
+    if !matches!(greeted, Ok(Ok(()))) {
+        return tracing::debug!(%addr, node_id, "TCP peer went away before its greeting");
+    }
+    let served = Served {
+        service: &service,
+        max_len,
+        first_frame: idle,
+        transport: "TCP",
+    };
+    loop {
+        // Between exchanges: wait for the next one, or close at shutdown.
+        tokio::select! {
+            ready = conn.get_ref().0.readable() => if ready.is_err() { return },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = tokio::time::sleep(idle) => {
+                return tracing::debug!(%addr, node_id, "TCP connection idle for {idle:?}; closing");
+            }
+        }
+        let (home, back) = oneshot::channel::<TlsStream>();
+        let (send, recv) = super::halves(conn, move |conn| {
+            let _ = home.send(conn);
+        });
+        let reader = crate::framed::FrameReader::new(recv, max_len).with_control_limit(max_control);
+        if !exchange(crate::framed::Outgoing::new(send), reader, &served, caller).await {
+            // The connection closes with its halves, so the peer cannot take an unfinished
+            // exchange for a whole one.
+            return;
+        }
+        match back.await {
+            Ok(again) => conn = again,
+            Err(_) => return,
+        }
+    }
+}
