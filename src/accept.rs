@@ -2,9 +2,18 @@
 //! port (gRPC and the framed TCP transport) are told apart by the protocol the client asked
 //! for in its TLS handshake (ALPN); each gets its accepted connections through a channel.
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Context;
+use std::task::Poll;
 use std::time::Duration;
+
+use tokio::io::AsyncRead;
+use tokio::io::AsyncWrite;
+use tokio::io::ReadBuf;
 
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
@@ -113,4 +122,105 @@ pub(crate) async fn accept(
     // Shutting down: no new connection is taken, and none is left half made.
     drop(listener);
     handshakes.shutdown().await;
+}
+
+/// Who is calling: attached to every request of a connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnInfo {
+    /// The node id from the caller's verified certificate; `None` on a plaintext server.
+    pub(crate) node_id: Option<u64>,
+    /// The caller's address.
+    pub(crate) addr: SocketAddr,
+}
+
+/// A server-side connection that knows its peer and dies when the server's kill switch
+/// flips: once the shutdown grace period is over, every read and write fails, so hyper ends
+/// the connection (and with it the streams a leader would otherwise keep open forever).
+pub(crate) struct Conn<IO> {
+    io: IO,
+    pub(crate) info: ConnInfo,
+    /// Resolves when the kill switch flips; `None` once it has.
+    killed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Counts this connection against its node's limit while it lives.
+    _slot: Option<PeerSlot>,
+}
+
+impl<IO> Conn<IO> {
+    pub(crate) fn new(
+        io: IO,
+        info: ConnInfo,
+        mut kill: watch::Receiver<bool>,
+        slot: Option<PeerSlot>,
+    ) -> Self {
+        let killed = Box::pin(async move {
+            let _ = kill.wait_for(|k| *k).await;
+        });
+        Conn {
+            io,
+            info,
+            killed: Some(killed),
+            _slot: slot,
+        }
+    }
+
+    /// The connection inside.
+    pub(crate) fn get_ref(&self) -> &IO {
+        &self.io
+    }
+
+    /// `Err` once the kill switch has flipped; registers the waker otherwise.
+    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+        let dead = || io::Error::new(io::ErrorKind::ConnectionAborted, "server shut down");
+        let Some(killed) = self.killed.as_mut() else {
+            return Err(dead());
+        };
+        match killed.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                // Never polled again once done; the connection stays dead.
+                self.killed = None;
+                Err(dead())
+            }
+            Poll::Pending => Ok(()),
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }

@@ -8,11 +8,14 @@
 //!   replication each get their own connection per peer.
 //! - **QUIC** (quinn) with raftwire's own zero-copy framing: one connection per peer, a stream
 //!   per replication session, heartbeat, vote and snapshot, so nothing waits behind anything.
+//! - **TCP**: the same framing over TLS 1.3 on TCP, the bulk-throughput path: separate
+//!   connections per peer for replication, heartbeats and votes, and snapshots, each carrying
+//!   one exchange at a time; it shares a TCP port with gRPC (told apart by ALPN).
 //! - Natively **pipelined replication**: openraft's `stream_append` runs over one
 //!   bidirectional stream per replication session, reading ahead up to a window of requests
 //!   and bytes, with replies in order.
 //! - **Streamed snapshots** in chunks with bounded memory on both sides, cancellable.
-//! - **Mutual TLS** with node identity on both transports ([`TlsConfig`]); plaintext gRPC
+//! - **Mutual TLS** with node identity on every transport ([`TlsConfig`]); plaintext gRPC
 //!   only as an explicit, logged opt-in. Operator tools hold client identities
 //!   ([`ClientTls`]), which the Raft listeners refuse.
 //! - **Metrics** through the [`metrics`](https://docs.rs/metrics) facade, per peer and
@@ -26,9 +29,10 @@
 //! |---|---|---|
 //! | `grpc` | yes | the gRPC transport ([`Transport::Grpc`]) and the protobuf types in `pb` |
 //! | `quic` | yes | the QUIC transport ([`Transport::Quic`]) and its tuning ([`QuicTuning`]) |
+//! | `tcp` | yes | the framed TLS-over-TCP transport (`Transport::Tcp`) |
 //! | `app` | yes | the application side: the `raftwire` binary, the demo store (`kv`, `demo`) and the benchmark harness (`bench`); off for a lean network layer |
 //!
-//! With both compiled in, [`Transport::default`] is gRPC. A config may list several
+//! With gRPC compiled in, [`Transport::default`] is gRPC. A config may list several
 //! transports ([`ConfigBuilder::transports`]): the [`Server`] serves all of them and the
 //! factory uses, per peer, the most preferred one that connects, falling back as
 //! [`FallbackPolicy`] says (README: "Migrating a running cluster").
@@ -64,8 +68,10 @@
 //! toward one peer: preference, fallback, re-probing), `pipeline` (transport-neutral
 //! pipelining of `stream_append`), `stats` (counters and per-peer metric handles), `service` (the server core every transport serves through:
 //! identity checks, snapshot receive / verify / install, bridging into `Raft`), `snapshot`,
-//! `server`, `grpc/` (client, server, accept loop, proto conversions), `codec/` (the QUIC
-//! frame format, no I/O), `quic/` (client, server); behind the `app` feature: `kv` (the demo
+//! `server`, `accept` (the TLS-over-TCP accept loop gRPC and TCP share, routing by ALPN),
+//! `grpc/` (client, server, proto conversions), `codec/` (the frame format of QUIC and TCP,
+//! no I/O), `framed/` (exchanges in frames over any byte stream: client calls and server
+//! dispatch), `quic/` and `tcp/` (each only connections and streams); behind the `app` feature: `kv` (the demo
 //! key-value application, also used by the tests and benches), `node` (`raftwire node` and
 //! `ctl`, the client API, the Prometheus endpoint), `demo` (the `raftwire demo` run), `bench` (the benchmark harness). A new transport is
 //! one more folder implementing `link::Connector`/`link::Link` and serving through

@@ -398,7 +398,9 @@ fn bind_all(
         if on_tcp(transport) {
             // Another TCP transport already listens there: share its listener.
             let shared = sockets.iter_mut().find_map(|s| match s {
-                Socket::Tcp { listener, transports } if at.port() != 0 && listener.local_addr().ok() == Some(at) => {
+                Socket::Tcp { listener, transports }
+                    if at.port() != 0 && listener.local_addr().ok() == Some(at) =>
+                {
                     Some(transports)
                 }
                 #[allow(unreachable_patterns)]

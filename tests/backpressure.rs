@@ -6,7 +6,7 @@
 //! - QUIC: the "follower" is a raw quinn server with a node certificate from the cluster CA. It
 //!   accepts the connection and the replication stream but never reads the stream, and grants
 //!   a small receive window, so the leader's write blocks on stream flow control after 64 KiB.
-//! - gRPC: a TCP proxy in front of a real node. Once the connection is up (a vote went
+//! - gRPC and TCP: a TCP proxy in front of a real node. Once the connection is up (a vote went
 //!   through), it stops reading from the leader: the leader's bytes pile up in socket buffers
 //!   and the node never sees the requests. (gRPC's request sink queues into a channel as deep
 //!   as the window, so its sends never block and its reply deadline caught this before; the

@@ -761,7 +761,7 @@ async fn raw_server(
         .with_single_cert(der_chain(&cert.cert_pem), der_key(&cert.key_pem))
         .unwrap();
     crypto.alpn_protocols = vec![alpn(transport)];
-    if transport.name() == "grpc" {
+    if transport.name() != "quic" {
         let listener = tokio::net::TcpListener::bind(loopback()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(crypto));
@@ -836,7 +836,7 @@ async fn raw_client_refused(
     use tokio::io::AsyncWriteExt;
     let crypto = raw_client_crypto(transport, ca, cert);
     let name = raftwire::node_dns_name(target);
-    let refusal = if transport.name() == "grpc" {
+    let refusal = if transport.name() != "quic" {
         let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
         let connector = tokio_rustls::TlsConnector::from(Arc::new(crypto));
         let server_name = rustls::pki_types::ServerName::try_from(name).unwrap();

@@ -366,6 +366,7 @@ fn subject_order(subject: &str) -> (u8, String) {
     let rank = match subject {
         "grpc" => 0,
         "quic" => 1,
+        "tcp" => 2,
         "raw-tls" => 8,
         "in-process" => 9,
         _ => 5,
@@ -395,6 +396,7 @@ fn subject_style(subject: &str) -> SubjectStyle {
     let (color, baseline, label) = match subject {
         "grpc" => (RGBColor(31, 119, 180), false, "grpc".to_string()),
         "quic" => (RGBColor(255, 127, 14), false, "quic".to_string()),
+        "tcp" => (RGBColor(214, 39, 40), false, "tcp".to_string()),
         "raw-tls" => (
             RGBColor(90, 90, 90),
             true,

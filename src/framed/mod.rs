@@ -46,13 +46,19 @@ pub(crate) trait RecvHalf: AsyncRead + Unpin + Send {
 /// The sending half of one exchange.
 pub(crate) trait SendHalf: Send {
     /// Writes every chunk, in order, without copying them (vectored writes).
-    fn write_chunks<'a>(&'a mut self, chunks: &'a mut [Bytes]) -> impl Future<Output = io::Result<()>> + Send + 'a;
+    fn write_chunks<'a>(
+        &'a mut self,
+        chunks: &'a mut [Bytes],
+    ) -> impl Future<Output = io::Result<()>> + Send + 'a;
 
     /// Ends this side of the exchange cleanly: everything written is complete.
     fn finish(&mut self) -> impl Future<Output = io::Result<()>> + Send;
 
     /// Writes every chunk, then ends this side cleanly (on TCP in one write).
-    fn write_last<'a>(&'a mut self, chunks: &'a mut Vec<Bytes>) -> impl Future<Output = io::Result<()>> + Send + 'a;
+    fn write_last<'a>(
+        &'a mut self,
+        chunks: &'a mut Vec<Bytes>,
+    ) -> impl Future<Output = io::Result<()>> + Send + 'a;
 
     /// Abandons the exchange, so the peer cannot take what it got for complete (QUIC: reset
     /// the stream; TCP: the connection is closed).

@@ -64,7 +64,9 @@ fn session_read_refusal(e: ReadError) -> Refusal {
 
 fn read_refusal(e: ReadError) -> Refusal {
     match &e {
-        ReadError::Frame(f) if f.error_code() == ErrorCode::TooLarge => Refusal::new(RefusalKind::TooLarge, e),
+        ReadError::Frame(f) if f.error_code() == ErrorCode::TooLarge => {
+            Refusal::new(RefusalKind::TooLarge, e)
+        }
         _ => Refusal::new(RefusalKind::BadRequest, e),
     }
 }

@@ -1,21 +1,13 @@
 //! The gRPC accept loop: plain TCP, or TLS with the caller's node identity attached to every
 //! request.
 
-use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Context;
-use std::task::Poll;
 use std::time::Duration;
 
 use futures::FutureExt;
 use futures::StreamExt;
 use openraft::storage::RaftStateMachine;
-use tokio::io::AsyncRead;
-use tokio::io::AsyncWrite;
-use tokio::io::ReadBuf;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::sync::watch;
@@ -23,103 +15,19 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::pb::raft_server::RaftServer;
 use crate::accept::Accepted;
+pub(crate) use crate::accept::Conn;
+pub(crate) use crate::accept::ConnInfo;
 use crate::config::Config;
 use crate::error::ServerError;
-use crate::limits::PeerSlot;
 use crate::service::Service;
 use crate::snapshot::SnapshotData;
 use crate::types::RaftWireConfig;
-
-/// Who is calling: attached to every request of a connection.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ConnInfo {
-    /// The node id from the caller's verified certificate; `None` on a plaintext server.
-    pub(crate) node_id: Option<u64>,
-    /// The caller's address.
-    pub(crate) addr: SocketAddr,
-}
-
-/// A server-side connection that knows its peer and dies when the server's kill switch
-/// flips: once the shutdown grace period is over, every read and write fails, so hyper ends
-/// the connection (and with it the streams a leader would otherwise keep open forever).
-struct Conn<IO> {
-    io: IO,
-    info: ConnInfo,
-    killed: Pin<Box<dyn Future<Output = ()> + Send>>,
-    /// Counts this connection against its node's limit while it lives.
-    _slot: Option<PeerSlot>,
-}
-
-impl<IO> Conn<IO> {
-    fn new(io: IO, info: ConnInfo, mut kill: watch::Receiver<bool>, slot: Option<PeerSlot>) -> Self {
-        let killed = Box::pin(async move {
-            let _ = kill.wait_for(|k| *k).await;
-        });
-        Conn {
-            io,
-            info,
-            killed,
-            _slot: slot,
-        }
-    }
-
-    /// `Err` once the kill switch has flipped; registers the waker otherwise.
-    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
-        match self.killed.as_mut().poll(cx) {
-            Poll::Ready(()) => Err(io::Error::new(
-                io::ErrorKind::ConnectionAborted,
-                "server shut down",
-            )),
-            Poll::Pending => Ok(()),
-        }
-    }
-}
 
 impl<IO> tonic::transport::server::Connected for Conn<IO> {
     type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> ConnInfo {
         self.info
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.check(cx)?;
-        Pin::new(&mut this.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

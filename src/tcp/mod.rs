@@ -157,7 +157,9 @@ pub(crate) struct TcpSend<S: Stream> {
 
 impl<S: Stream> TcpSend<S> {
     fn half(&mut self) -> io::Result<&mut WriteHalf<S>> {
-        self.half.as_mut().ok_or_else(|| io::ErrorKind::NotConnected.into())
+        self.half
+            .as_mut()
+            .ok_or_else(|| io::ErrorKind::NotConnected.into())
     }
 }
 

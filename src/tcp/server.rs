@@ -12,6 +12,8 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::accept::Accepted;
+use crate::accept::Conn;
+use crate::accept::ConnInfo;
 use crate::accept::TlsStream;
 use crate::config::Config;
 use crate::error::ServerError;
@@ -43,6 +45,9 @@ where
     // A connection waiting for its next exchange longer than this is closed (clients reuse
     // theirs for half as long).
     let idle = config.idle_peer_timeout;
+    // Flipped after the grace period: every read and write of every connection fails, also
+    // where a request handler (openraft's, say) still reads a connection's requests.
+    let (kill_tx, kill) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut stopping = shutdown.clone();
     loop {
@@ -52,6 +57,7 @@ where
                 let Some(accepted) = accepted else { break };
                 connections.spawn(connection(
                     accepted,
+                    kill.clone(),
                     service.clone(),
                     (max_len, max_control, idle),
                     shutdown.clone(),
@@ -72,6 +78,7 @@ where
             "TCP exchanges still open after the shutdown grace period; closing their connections"
         );
     }
+    let _ = kill_tx.send(true);
     connections.shutdown().await;
     Ok(())
 }
@@ -80,6 +87,7 @@ where
 /// ends cleanly.
 async fn connection<C, SM>(
     accepted: Accepted,
+    kill: watch::Receiver<bool>,
     service: Arc<Service<C, SM>>,
     (max_len, max_control, idle): (usize, usize, Duration),
     mut shutdown: watch::Receiver<bool>,
@@ -89,11 +97,16 @@ async fn connection<C, SM>(
     SM::SnapshotData: SnapshotData,
 {
     let Accepted {
-        stream: mut conn,
+        stream,
         node_id,
         addr,
-        slot: _slot,
+        slot,
     } = accepted;
+    let info = ConnInfo {
+        node_id: Some(node_id),
+        addr,
+    };
+    let mut conn = Conn::new(stream, info, kill, Some(slot));
     let caller = Caller {
         node_id: Some(node_id),
         addr,
@@ -115,13 +128,13 @@ async fn connection<C, SM>(
     loop {
         // Between exchanges: wait for the next one, or close at shutdown.
         tokio::select! {
-            ready = conn.get_ref().0.readable() => if ready.is_err() { return },
+            ready = conn.get_ref().get_ref().0.readable() => if ready.is_err() { return },
             _ = shutdown.wait_for(|stop| *stop) => return,
             _ = tokio::time::sleep(idle) => {
                 return tracing::debug!(%addr, node_id, "TCP connection idle for {idle:?}; closing");
             }
         }
-        let (home, back) = oneshot::channel::<TlsStream>();
+        let (home, back) = oneshot::channel::<Conn<TlsStream>>();
         let (send, recv) = super::halves(conn, move |conn| {
             let _ = home.send(conn);
         });

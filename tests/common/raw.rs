@@ -204,7 +204,12 @@ async fn quic_rpc(
 
 /// An exchange opened with an empty frame of `kind` (then the end of the exchange), over a
 /// raw TLS connection to the TCP transport.
-async fn tcp_rpc(crypto: rustls::ClientConfig, addr: SocketAddr, target: u64, kind: u8) -> Result<String, String> {
+async fn tcp_rpc(
+    crypto: rustls::ClientConfig,
+    addr: SocketAddr,
+    target: u64,
+    kind: u8,
+) -> Result<String, String> {
     use tokio::io::AsyncReadExt;
     use tokio::io::AsyncWriteExt;
     // How the connection failed: the server's TLS alert by name where it sent one.
