@@ -126,6 +126,8 @@ pub(crate) async fn accept(
 
 /// Who is calling: attached to every request of a connection.
 #[derive(Debug, Clone, Copy)]
+// Read by gRPC's request handlers; the TCP transport keeps the caller in its own loop.
+#[cfg_attr(not(feature = "grpc"), allow(dead_code))]
 pub(crate) struct ConnInfo {
     /// The node id from the caller's verified certificate; `None` on a plaintext server.
     pub(crate) node_id: Option<u64>,
@@ -138,6 +140,7 @@ pub(crate) struct ConnInfo {
 /// the connection (and with it the streams a leader would otherwise keep open forever).
 pub(crate) struct Conn<IO> {
     io: IO,
+    #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
     pub(crate) info: ConnInfo,
     /// Resolves when the kill switch flips; `None` once it has.
     killed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
@@ -164,6 +167,7 @@ impl<IO> Conn<IO> {
     }
 
     /// The connection inside.
+    #[cfg_attr(not(feature = "tcp"), allow(dead_code))]
     pub(crate) fn get_ref(&self) -> &IO {
         &self.io
     }
