@@ -24,6 +24,10 @@ use crate::service::Service;
 use crate::snapshot::SnapshotData;
 use crate::types::RaftWireConfig;
 
+/// How long shutdown waits, after cutting every connection, for request handlers to drop
+/// the halves they still hold (they fail at their next read).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// How long a new connection's greeting may take to leave.
 const GREETING_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -48,6 +52,9 @@ where
     // Flipped after the grace period: every read and write of every connection fails, also
     // where a request handler (openraft's, say) still reads a connection's requests.
     let (kill_tx, kill) = watch::channel(false);
+    // Held by every connection and by both halves of its exchange in progress: a handler may
+    // still hold a half after its connection's task ended.
+    let live = Arc::new(());
     let mut connections = JoinSet::new();
     let mut stopping = shutdown.clone();
     loop {
@@ -57,7 +64,7 @@ where
                 let Some(accepted) = accepted else { break };
                 connections.spawn(connection(
                     accepted,
-                    kill.clone(),
+                    (kill.clone(), live.clone()),
                     service.clone(),
                     (max_len, max_control, idle),
                     shutdown.clone(),
@@ -80,6 +87,17 @@ where
     }
     let _ = kill_tx.send(true);
     connections.shutdown().await;
+    // Handlers still reading a killed connection fail at their next read and let go.
+    let deadline = tokio::time::Instant::now() + RELEASE_TIMEOUT;
+    while Arc::strong_count(&live) > 1 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    if Arc::strong_count(&live) > 1 {
+        tracing::warn!(
+            held = Arc::strong_count(&live) - 1,
+            "TCP connections still held {RELEASE_TIMEOUT:?} after they were cut"
+        );
+    }
     Ok(())
 }
 
@@ -87,7 +105,7 @@ where
 /// ends cleanly.
 async fn connection<C, SM>(
     accepted: Accepted,
-    kill: watch::Receiver<bool>,
+    (kill, live): (watch::Receiver<bool>, Arc<()>),
     service: Arc<Service<C, SM>>,
     (max_len, max_control, idle): (usize, usize, Duration),
     mut shutdown: watch::Receiver<bool>,
@@ -135,7 +153,10 @@ async fn connection<C, SM>(
             }
         }
         let (home, back) = oneshot::channel::<Conn<TlsStream>>();
+        let held = live.clone();
         let (send, recv) = super::halves(conn, move |conn| {
+            // Until the halves meet again or are both gone, the connection counts as live.
+            let _held = held;
             let _ = home.send(conn);
         });
         let reader = crate::framed::FrameReader::new(recv, max_len).with_control_limit(max_control);
