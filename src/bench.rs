@@ -1049,10 +1049,17 @@ pub struct QuickTransport {
     pub append_16k_bytes_per_sec: f64,
     /// That throughput as a fraction of the raw TLS stream's.
     pub append_16k_vs_raw_tls: f64,
+    /// CPU seconds (user + system, the whole process: sender and receiver) per MiB of entry
+    /// payload in that run.
+    pub append_16k_cpu_s_per_mib: f64,
     /// Client writes/s of a 3-node cluster, 256 writers, 256 B entries.
     pub writes_per_sec_256: f64,
     /// Those writes/s as a fraction of the in-process cluster's.
     pub writes_vs_in_process: f64,
+    /// CPU µs (user + system, all three nodes) per write in that run.
+    pub write_cpu_us: f64,
+    /// That CPU per write as a multiple of the in-process cluster's.
+    pub write_cpu_vs_in_process: f64,
     /// Heartbeat round trip, median, µs.
     pub heartbeat_p50_us: f64,
     /// Heartbeat round trip, 99th percentile, µs.
@@ -1068,35 +1075,64 @@ pub struct QuickReport {
     pub transports: std::collections::BTreeMap<&'static str, QuickTransport>,
     /// Raw TLS 16 KiB-entry stream, bytes/s.
     pub raw_tls_bytes_per_sec: f64,
+    /// Raw TLS stream, CPU seconds per MiB.
+    pub raw_tls_cpu_s_per_mib: f64,
     /// Raw TLS ping-pong, median µs.
     pub raw_tls_ping_p50_us: f64,
     /// Raw TLS ping-pong, 99th percentile µs.
     pub raw_tls_ping_p99_us: f64,
     /// In-process cluster writes/s (256 writers, 256 B).
     pub in_process_writes_per_sec: f64,
+    /// In-process cluster, CPU µs per write.
+    pub in_process_write_cpu_us: f64,
     /// In-process append throughput (16 KiB entries, window 64), bytes/s.
     pub in_process_bytes_per_sec: f64,
 }
 
-/// Median of several timed runs of `requests` appends: bytes/s.
-async fn append_rate(subject: Subject, requests: usize, rounds: usize) -> Result<f64, BenchError> {
-    let mut bench = AppendBench::start(subject, 16 << 10, 64).await?;
-    let mut rates = Vec::new();
-    for _ in 0..rounds {
-        let t = bench.run(requests).await?;
-        rates.push(bench.bytes_per_request() as f64 * requests as f64 / t.as_secs_f64());
+/// CPU time (user + system) this process has used so far: every thread, so a benchmark's
+/// senders, receivers and Raft nodes alike (they all run in this process).
+pub fn cpu_time() -> Duration {
+    // SAFETY: `getrusage` only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Duration::ZERO;
     }
-    bench.stop().await;
-    rates.sort_by(f64::total_cmp);
-    Ok(rates[rates.len() / 2])
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
-async fn write_rate(subject: Subject, writes: usize) -> Result<f64, BenchError> {
+/// Median of several timed runs of `requests` appends: bytes/s, and CPU seconds per MiB of
+/// entry payload (the median run's).
+async fn append_rate(subject: Subject, requests: usize, rounds: usize) -> Result<(f64, f64), BenchError> {
+    let mut bench = AppendBench::start(subject, 16 << 10, 64).await?;
+    let mut runs = Vec::new();
+    for _ in 0..rounds {
+        let cpu = cpu_time();
+        let t = bench.run(requests).await?;
+        let cpu = cpu_time().saturating_sub(cpu);
+        let bytes = bench.bytes_per_request() as f64 * requests as f64;
+        runs.push((
+            bytes / t.as_secs_f64(),
+            cpu.as_secs_f64() / (bytes / (1 << 20) as f64),
+        ));
+    }
+    bench.stop().await;
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Ok(runs[runs.len() / 2])
+}
+
+/// Client writes/s of a 3-node cluster (256 writers, 256 B), and CPU µs per write.
+async fn write_rate(subject: Subject, writes: usize) -> Result<(f64, f64), BenchError> {
     let cluster = ClusterBench::start(subject).await?;
     cluster.run(writes / 4, 256, 256).await?; // warm-up
+    let cpu = cpu_time();
     let run = cluster.run(writes, 256, 256).await?;
+    let cpu = cpu_time().saturating_sub(cpu);
     cluster.stop().await;
-    Ok(writes as f64 / run.elapsed.as_secs_f64())
+    Ok((
+        writes as f64 / run.elapsed.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / writes as f64,
+    ))
 }
 
 /// Heartbeat (or raw ping-pong) round trips: (p50, p99) in µs.
@@ -1115,24 +1151,27 @@ async fn heartbeat_latency(subject: Subject, samples: usize) -> Result<(f64, f64
 pub async fn quick(mut progress: impl FnMut(&str)) -> Result<QuickReport, BenchError> {
     let (requests, rounds, writes, samples) = (512, 7, 100_000, 2_000);
     progress("raw TLS baseline");
-    let raw_rate = append_rate(Subject::RawTls, requests, rounds).await?;
+    let (raw_rate, raw_cpu) = append_rate(Subject::RawTls, requests, rounds).await?;
     let (raw_p50, raw_p99) = heartbeat_latency(Subject::RawTls, samples).await?;
     progress("in-process baseline");
-    let in_process_rate = append_rate(Subject::InProcess, requests, rounds).await?;
-    let in_process_writes = write_rate(Subject::InProcess, writes).await?;
+    let (in_process_rate, _) = append_rate(Subject::InProcess, requests, rounds).await?;
+    let (in_process_writes, in_process_cpu) = write_rate(Subject::InProcess, writes).await?;
     let mut transports = std::collections::BTreeMap::new();
     for subject in Subject::transports() {
         progress(subject.name());
-        let rate = append_rate(subject, requests, rounds).await?;
-        let writes_per_sec = write_rate(subject, writes).await?;
+        let (rate, append_cpu) = append_rate(subject, requests, rounds).await?;
+        let (writes_per_sec, write_cpu) = write_rate(subject, writes).await?;
         let (p50, p99) = heartbeat_latency(subject, samples).await?;
         transports.insert(
             subject.name(),
             QuickTransport {
                 append_16k_bytes_per_sec: rate,
                 append_16k_vs_raw_tls: rate / raw_rate,
+                append_16k_cpu_s_per_mib: append_cpu,
                 writes_per_sec_256: writes_per_sec,
                 writes_vs_in_process: writes_per_sec / in_process_writes,
+                write_cpu_us: write_cpu,
+                write_cpu_vs_in_process: write_cpu / in_process_cpu,
                 heartbeat_p50_us: p50,
                 heartbeat_p99_us: p99,
                 heartbeat_p50_vs_raw: p50 / raw_p50,
@@ -1142,9 +1181,11 @@ pub async fn quick(mut progress: impl FnMut(&str)) -> Result<QuickReport, BenchE
     Ok(QuickReport {
         transports,
         raw_tls_bytes_per_sec: raw_rate,
+        raw_tls_cpu_s_per_mib: raw_cpu,
         raw_tls_ping_p50_us: raw_p50,
         raw_tls_ping_p99_us: raw_p99,
         in_process_writes_per_sec: in_process_writes,
+        in_process_write_cpu_us: in_process_cpu,
         in_process_bytes_per_sec: in_process_rate,
     })
 }

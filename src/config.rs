@@ -562,6 +562,12 @@ pub struct QuicTuning {
     /// and veth and saves a fifth of the per-packet costs. Path MTU discovery raises it
     /// further where possible. Default: 1452.
     pub initial_mtu: u16,
+    /// The largest UDP payload path MTU discovery tries. Larger packets cost less per byte
+    /// (crypto, header protection, ACKs and a syscall share are paid per packet), but a bound
+    /// above what the path carries only wastes probes. 1452 fits Ethernet and the internet's
+    /// usual paths; a jumbo-frame LAN (MTU 9000) carries 8952, loopback up to 65527. Never
+    /// below `initial_mtu`. Default: 1452.
+    pub max_mtu: u16,
     /// Keep-alive interval, so idle connections survive NAT and middlebox timeouts and dead
     /// peers are noticed. Default: 5 s.
     pub keep_alive_interval: std::time::Duration,
@@ -591,6 +597,7 @@ impl Default for QuicTuning {
             receive_window: 64 << 20,
             send_window: 64 << 20,
             initial_mtu: 1452,
+            max_mtu: 1452,
             keep_alive_interval: std::time::Duration::from_secs(5),
             idle_timeout: std::time::Duration::from_secs(30),
             congestion: CongestionControl::Cubic,

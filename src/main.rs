@@ -190,14 +190,25 @@ fn bench_quick(runtime: &tokio::runtime::Runtime, json: bool) -> ExitCode {
     }
     let mib = |b: f64| b / (1 << 20) as f64;
     println!(
-        "{:<12} {:>14} {:>8} {:>12} {:>8} {:>10} {:>10} {:>8}",
-        "subject", "append MiB/s", "vs raw", "writes/s", "vs inproc", "hb p50 µs", "hb p99 µs", "vs raw"
+        "{:<12} {:>13} {:>7} {:>9} {:>10} {:>9} {:>8} {:>10} {:>10} {:>7}",
+        "subject",
+        "append MiB/s",
+        "vs raw",
+        "cpu ms/MiB",
+        "writes/s",
+        "vs inproc",
+        "cpu µs/w",
+        "hb p50 µs",
+        "hb p99 µs",
+        "vs raw"
     );
     println!(
-        "{:<12} {:>14.1} {:>8} {:>12} {:>8} {:>10.1} {:>10.1} {:>8}",
+        "{:<12} {:>13.1} {:>7} {:>9.2} {:>10} {:>9} {:>8} {:>10.1} {:>10.1} {:>7}",
         "raw-tls",
         mib(report.raw_tls_bytes_per_sec),
         "1.00",
+        report.raw_tls_cpu_s_per_mib * 1e3,
+        "-",
         "-",
         "-",
         report.raw_tls_ping_p50_us,
@@ -205,31 +216,35 @@ fn bench_quick(runtime: &tokio::runtime::Runtime, json: bool) -> ExitCode {
         "1.00"
     );
     println!(
-        "{:<12} {:>14.1} {:>8} {:>12.0} {:>8} {:>10} {:>10} {:>8}",
+        "{:<12} {:>13.1} {:>7} {:>9} {:>10.0} {:>9} {:>8.1} {:>10} {:>10} {:>7}",
         "in-process",
         mib(report.in_process_bytes_per_sec),
         "-",
+        "-",
         report.in_process_writes_per_sec,
         "1.00",
+        report.in_process_write_cpu_us,
         "-",
         "-",
         "-"
     );
     for (name, t) in &report.transports {
         println!(
-            "{:<12} {:>14.1} {:>8.2} {:>12.0} {:>8.2} {:>10.1} {:>10.1} {:>8.2}",
+            "{:<12} {:>13.1} {:>7.2} {:>9.2} {:>10.0} {:>9.2} {:>8.1} {:>10.1} {:>10.1} {:>7.2}",
             name,
             mib(t.append_16k_bytes_per_sec),
             t.append_16k_vs_raw_tls,
+            t.append_16k_cpu_s_per_mib * 1e3,
             t.writes_per_sec_256,
             t.writes_vs_in_process,
+            t.write_cpu_us,
             t.heartbeat_p50_us,
             t.heartbeat_p99_us,
             t.heartbeat_p50_vs_raw
         );
     }
     println!(
-        "append: pipelined 16 KiB entries, window 64; writes: 3 nodes, 256 writers, 256 B; hb: heartbeat round trip"
+        "append: pipelined 16 KiB entries, window 64; writes: 3 nodes, 256 writers, 256 B; hb: heartbeat round trip; cpu: user + system of the whole process (every node)"
     );
     ExitCode::SUCCESS
 }

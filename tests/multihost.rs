@@ -232,3 +232,9 @@ fn grpc_across_namespaces() {
 fn quic_across_namespaces() {
     multihost("quic", 78);
 }
+
+#[cfg(feature = "tcp")]
+#[test]
+fn tcp_across_namespaces() {
+    multihost("tcp", 79);
+}

@@ -210,6 +210,22 @@ impl<W: SendHalf> Outgoing<W> {
         Ok(size)
     }
 
+    /// Writes every message of `batch` (request id, message) in one vectored write.
+    pub(crate) async fn write_batch<C: RaftWireConfig>(
+        &mut self,
+        batch: &[(u64, Message<C>)],
+        max_len: usize,
+    ) -> Result<usize, WriteError> {
+        let mut chunks: Vec<Bytes> = Vec::with_capacity(batch.len() * 2);
+        let mut size = 0;
+        for (id, msg) in batch {
+            size += codec::encode(*id, msg, max_len, &mut chunks)?;
+        }
+        self.send.write_chunks(&mut chunks).await?;
+        self.sent.increment(size as u64);
+        Ok(size)
+    }
+
     /// Writes `msg` like [`Outgoing::write`] as the last frame of this side, which it ends.
     pub(crate) async fn write_last<C: RaftWireConfig>(
         &mut self,

@@ -34,6 +34,7 @@ fn transport_config(t: &QuicTuning) -> quinn::TransportConfig {
         .receive_window(varint(t.receive_window))
         .send_window(t.send_window)
         .initial_mtu(t.initial_mtu.max(1200))
+        .mtu_discovery_config(Some(mtu_discovery(t)))
         .initial_rtt(t.initial_rtt)
         .keep_alive_interval(Some(t.keep_alive_interval))
         .max_idle_timeout(quinn::IdleTimeout::try_from(t.idle_timeout).ok())
@@ -51,6 +52,13 @@ fn transport_config(t: &QuicTuning) -> quinn::TransportConfig {
         }
     };
     tc
+}
+
+/// Path MTU discovery up to the configured bound (at least the initial MTU).
+fn mtu_discovery(t: &QuicTuning) -> quinn::MtuDiscoveryConfig {
+    let mut mtud = quinn::MtuDiscoveryConfig::default();
+    mtud.upper_bound(t.max_mtu.max(t.initial_mtu).max(1200));
+    mtud
 }
 
 /// A UDP socket with the requested buffer sizes, bound to `addr`. A smaller size granted by
@@ -81,7 +89,17 @@ pub(crate) fn udp_socket(addr: SocketAddr, tuning: &QuicTuning) -> std::io::Resu
         }
     }
     socket.bind(&addr.into())?;
-    Ok(socket.into())
+    let socket: std::net::UdpSocket = socket.into();
+    // What the kernel offers for batching datagrams: segmentation offload on send (one
+    // syscall for many packets) and coalescing on receive.
+    if let Ok(state) = quinn::udp::UdpSocketState::new((&socket).into()) {
+        tracing::debug!(
+            gso_segments = state.max_gso_segments(),
+            gro_segments = state.gro_segments(),
+            "QUIC socket bound at {addr}"
+        );
+    }
+    Ok(socket)
 }
 
 /// A stream error code: the codec's error codes, plus "done" for a clean stop.
@@ -192,4 +210,78 @@ pub(crate) fn endpoint_config(tls: Option<&crate::tls::TlsConfig>) -> quinn::End
 /// The largest frame body a config allows (the codec's limit), with room for the header.
 fn max_frame(config: &Config) -> usize {
     config.max_message_size
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The path MTU a connection reaches on loopback (which carries 65535-byte packets) while
+    /// streaming data, with `max_mtu` as the discovery bound.
+    async fn mtu_reached(max_mtu: u16) -> u16 {
+        let ca = crate::certs::CertificateAuthority::generate("mtu test CA").unwrap();
+        let tuning = QuicTuning {
+            max_mtu,
+            ..QuicTuning::default()
+        };
+        let server_tls = ca.tls_config(1).unwrap();
+        let crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(server_tls.server_config(ALPN).unwrap())
+                .unwrap();
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server_config.transport_config(Arc::new(transport_config(&tuning)));
+        let socket = udp_socket(([127, 0, 0, 1], 0).into(), &tuning).unwrap();
+        let runtime = quinn::default_runtime().unwrap();
+        let server = quinn::Endpoint::new(
+            endpoint_config(Some(&server_tls)),
+            Some(server_config),
+            socket,
+            runtime.clone(),
+        )
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let sink = tokio::spawn(async move {
+            let conn = server.accept().await.unwrap().await.unwrap();
+            let (_send, mut recv) = conn.accept_bi().await.unwrap();
+            let _ = recv.read_to_end(usize::MAX).await;
+            conn
+        });
+        let client_tls = ca.tls_config(2).unwrap();
+        let crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls.client_config(1, ALPN).unwrap())
+                .unwrap();
+        let mut client_config = quinn::ClientConfig::new(Arc::new(crypto));
+        client_config.transport_config(Arc::new(transport_config(&tuning)));
+        let socket = udp_socket(([127, 0, 0, 1], 0).into(), &tuning).unwrap();
+        let client = quinn::Endpoint::new(endpoint_config(Some(&client_tls)), None, socket, runtime).unwrap();
+        let conn = client
+            .connect_with(client_config, addr, &crate::tls::node_dns_name(1))
+            .unwrap()
+            .await
+            .unwrap();
+        let (mut send, _recv) = conn.open_bi().await.unwrap();
+        // Stream data until discovery settles (it probes right after the handshake).
+        let chunk = Bytes::from(vec![7u8; 64 << 10]);
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_millis(1500) {
+            send.write_all(&chunk).await.unwrap();
+            if conn.stats().path.current_mtu >= max_mtu {
+                break;
+            }
+        }
+        let reached = conn.stats().path.current_mtu;
+        send.finish().unwrap();
+        conn.close(0u32.into(), b"done");
+        sink.abort();
+        reached
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn path_mtu_discovery_stops_at_the_configured_bound() {
+        assert_eq!(mtu_reached(QuicTuning::default().max_mtu).await, 1452);
+        let jumbo = mtu_reached(8952).await;
+        assert!(jumbo > 1452 && jumbo <= 8952, "reached {jumbo}");
+    }
 }
