@@ -137,6 +137,7 @@ impl std::str::FromStr for Transport {
 /// | concurrent requests per connection | 256 | [`ConfigBuilder::max_concurrent_streams`] |
 /// | TLS handshakes in progress (server) | 64, each ≤ `connect_timeout` | [`ConfigBuilder::max_concurrent_handshakes`] |
 /// | connections per node identity (server) | 16 | [`ConfigBuilder::max_connections_per_peer`] |
+/// | idle TCP connections per peer and purpose (client) | 4 | [`ConfigBuilder::max_idle_connections`] |
 /// | vote / pre-vote / transfer-leader request | 64 KiB | [`ConfigBuilder::max_control_message_size`] |
 /// | any other message | 64 MiB | [`ConfigBuilder::max_message_size`] |
 /// | a snapshot in flight | one chunk (1 MiB) | [`ConfigBuilder::snapshot_chunk_size`] |
@@ -169,6 +170,7 @@ pub struct Config {
     pub(crate) max_concurrent_streams: u32,
     pub(crate) max_concurrent_handshakes: usize,
     pub(crate) max_connections_per_peer: usize,
+    pub(crate) max_idle_connections: usize,
     pub(crate) max_control_message_size: usize,
     pub(crate) tls: Option<TlsConfig>,
     pub(crate) quic: QuicTuning,
@@ -192,6 +194,7 @@ impl Config {
             max_concurrent_streams: 256,
             max_concurrent_handshakes: 64,
             max_connections_per_peer: 16,
+            max_idle_connections: 4,
             max_control_message_size: 64 << 10,
             tls: None,
             quic: QuicTuning::default(),
@@ -394,6 +397,17 @@ impl ConfigBuilder {
     /// snapshots), a QUIC peer 1, and reconnects briefly overlap the old connection.
     pub fn max_connections_per_peer(mut self, connections: usize) -> Self {
         self.config.max_connections_per_peer = connections;
+        self
+    }
+
+    /// How many idle connections the TCP transport keeps per peer and purpose (replication,
+    /// heartbeats and votes, snapshots) for the next exchange; one whose exchange ends while
+    /// this many wait is closed. A connection carries one exchange at a time, so a burst of
+    /// concurrent calls dials more, and this caps what stays open after it. Default: 4 (a
+    /// replication session, heartbeats and an election need one or two each), well under
+    /// [`max_connections_per_peer`](ConfigBuilder::max_connections_per_peer) at the peer.
+    pub fn max_idle_connections(mut self, connections: usize) -> Self {
+        self.config.max_idle_connections = connections;
         self
     }
 

@@ -201,3 +201,62 @@ async fn grpc_and_tcp_share_one_port() {
     }
     node.stop().await.unwrap();
 }
+
+/// Server-side TCP connections established on `port` (this process hosts the server).
+fn established_on(port: u16) -> usize {
+    let text = std::fs::read_to_string("/proc/self/net/tcp").unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let local = cols.get(1).and_then(|l| l.rsplit(':').next());
+            let port_here = local.and_then(|p| u16::from_str_radix(p, 16).ok());
+            port_here == Some(port) && cols.get(3) == Some(&"01")
+        })
+        .count()
+}
+
+/// A burst of concurrent calls dials a connection per call in flight; once it is over, at
+/// most `max_idle_connections` stay open toward the peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_beyond_the_limit_are_closed() {
+    let net = Net::with(Transport::Tcp, |b| b.max_idle_connections(2));
+    let mut node = KvNode::start(2, demo::raft_config(), net.config(2), loopback())
+        .await
+        .unwrap();
+    demo::initialize_alone(&node).await.unwrap();
+    let addr = node.addr();
+    let mut factory = raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(1, net.config(1)).unwrap();
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        clients.push(factory.new_client(2, &BasicNode::new(addr.to_string())).await);
+    }
+    let calls = clients.iter_mut().map(|client| {
+        let vote = openraft::raft::VoteRequest {
+            vote: openraft::impls::Vote::new(0, 1),
+            last_log_id: None,
+            leadership_transfer: false,
+        };
+        client.vote(vote, RPCOption::new(Duration::from_secs(5)))
+    });
+    for outcome in futures::future::join_all(calls).await {
+        outcome.unwrap();
+    }
+    let connects = factory.stats().connects;
+    assert!(
+        connects > 2,
+        "the burst needed more than 2 connections: {connects}"
+    );
+    // The ones beyond the limit were closed; the server notices each close at once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while established_on(addr.port()) > 2 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        established_on(addr.port()) <= 2,
+        "{} connections still open after a burst of {connects}",
+        established_on(addr.port())
+    );
+    drop(clients);
+    node.stop().await.unwrap();
+}

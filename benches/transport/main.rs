@@ -378,6 +378,13 @@ fn quic_tuning(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let mut newreno = QuicTuning::default();
     newreno.congestion = CongestionControl::NewReno;
     variants.push(("newreno", newreno));
+    // Path MTU discovery allowed past Ethernet's 1500: a jumbo-frame LAN's bound, and
+    // loopback's (which carries 64 KiB datagrams).
+    for (name, bound) in [("mtu-bound-8952", 8952), ("mtu-bound-65527", 65527)] {
+        let mut raised = QuicTuning::default();
+        raised.max_mtu = bound;
+        variants.push((name, raised));
+    }
     let sizes: &[usize] = if quick() {
         &[16 << 10]
     } else {

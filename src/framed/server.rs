@@ -164,12 +164,17 @@ where
                 let part = match reader.next::<C>().await {
                     Ok(None) => return None,
                     Ok(Some((_, Message::SnapshotChunk(bytes)))) => Ok(Part::Data(bytes)),
-                    Ok(Some((_, Message::SnapshotEnd(trailer)))) => {
-                        // The trailer is the last frame: the caller's part ends with it.
+                    // The trailer is the last frame. With end frames, the caller's part must
+                    // end right after it; on a stream, the core's next read must find its end
+                    // (anything after the trailer is refused there).
+                    Ok(Some((_, Message::SnapshotEnd(trailer)))) if R::END_FRAMES => {
                         match reader.end::<C>().await {
                             Ok(()) => Ok(Part::End(trailer)),
                             Err(e) => Err(session_read_refusal(e)),
                         }
+                    }
+                    Ok(Some((_, Message::SnapshotEnd(trailer)))) => {
+                        return Some((Ok(Part::End(trailer)), Some(reader)));
                     }
                     Ok(Some((_, other))) => {
                         reader.stop(ErrorCode::UnexpectedKind);

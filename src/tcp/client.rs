@@ -44,10 +44,6 @@ use crate::types::RaftWireConfig;
 /// A client-side TLS connection.
 type Conn = tokio_rustls::client::TlsStream<TcpStream>;
 
-/// Idle connections kept per peer and purpose; a busier moment dials more, and those beyond
-/// this are closed when their exchange ends.
-const MAX_IDLE: usize = 4;
-
 /// The TCP client side of one factory.
 pub(crate) struct Connector {
     tls: Option<crate::tls::TlsConfig>,
@@ -56,6 +52,8 @@ pub(crate) struct Connector {
     /// Idle connections older than this are closed instead of reused (the server closes
     /// them after `idle_peer_timeout`; half of it leaves room for clocks and delays).
     idle_reuse: Duration,
+    /// Idle connections kept per link; those beyond are closed when their exchange ends.
+    max_idle: usize,
 }
 
 impl Connector {
@@ -65,6 +63,7 @@ impl Connector {
             connect_timeout: config.connect_timeout,
             max_len: super::max_frame(config),
             idle_reuse: config.idle_peer_timeout / 2,
+            max_idle: config.max_idle_connections,
         }
     }
 }
@@ -94,6 +93,7 @@ pub(crate) struct Lane {
     idle: Arc<Mutex<Vec<(Conn, Instant)>>>,
     max_len: usize,
     idle_reuse: Duration,
+    max_idle: usize,
     stats: Stats,
 }
 
@@ -115,6 +115,7 @@ impl Lane {
             idle: Arc::default(),
             max_len: connector.max_len,
             idle_reuse: connector.idle_reuse,
+            max_idle: connector.max_idle,
             stats,
         }
     }
@@ -168,10 +169,10 @@ impl Lane {
     /// cleanly on both sides.
     async fn open(&self) -> Result<(Outgoing<TcpSend<Conn>>, FrameReader<TcpRecv<Conn>>), TransportError> {
         let conn = self.checkout().await?;
-        let idle = self.idle.clone();
+        let (idle, max_idle) = (self.idle.clone(), self.max_idle);
         let (send, reader) = super::exchange(conn, self.max_len, move |conn| {
             let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < MAX_IDLE {
+            if idle.len() < max_idle {
                 idle.push((conn, Instant::now()));
             }
         });
@@ -320,7 +321,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
                 Ok(conn) => {
                     let conn = conn?;
                     let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-                    if idle.len() < MAX_IDLE {
+                    if idle.len() < self.max_idle {
                         idle.push((conn, Instant::now()));
                     }
                     Ok(())
