@@ -83,6 +83,7 @@ pub(crate) async fn accept(
         // Handshakes are tasks of this loop: stopping the loop stops them too.
         handshakes.spawn(async move {
             let _ = tcp.set_nodelay(true);
+            keepalive(&tcp);
             let handshake = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
             drop(permit);
             let stream = match handshake {
@@ -142,26 +143,32 @@ pub(crate) struct Conn<IO> {
     io: IO,
     #[cfg_attr(not(feature = "grpc"), allow(dead_code))]
     pub(crate) info: ConnInfo,
-    /// Resolves when the kill switch flips; `None` once it has.
-    killed: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// Resolve when the kill switch flips; `None` once they have. One per direction: after a
+    /// split, reads and writes are polled by different tasks, and a future wakes only the
+    /// task that polled it last.
+    killed: [Option<Killed>; 2],
     /// Counts this connection against its node's limit while it lives.
     _slot: Option<PeerSlot>,
 }
 
+/// Resolves when a kill switch flips.
+type Killed = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The direction a [`Conn`] is polled in.
+const READ: usize = 0;
+const WRITE: usize = 1;
+
 impl<IO> Conn<IO> {
-    pub(crate) fn new(
-        io: IO,
-        info: ConnInfo,
-        mut kill: watch::Receiver<bool>,
-        slot: Option<PeerSlot>,
-    ) -> Self {
-        let killed = Box::pin(async move {
-            let _ = kill.wait_for(|k| *k).await;
-        });
+    pub(crate) fn new(io: IO, info: ConnInfo, kill: watch::Receiver<bool>, slot: Option<PeerSlot>) -> Self {
+        let killed = |mut kill: watch::Receiver<bool>| -> Option<Killed> {
+            Some(Box::pin(async move {
+                let _ = kill.wait_for(|k| *k).await;
+            }))
+        };
         Conn {
             io,
             info,
-            killed: Some(killed),
+            killed: [killed(kill.clone()), killed(kill)],
             _slot: slot,
         }
     }
@@ -172,16 +179,17 @@ impl<IO> Conn<IO> {
         &self.io
     }
 
-    /// `Err` once the kill switch has flipped; registers the waker otherwise.
-    fn check(&mut self, cx: &mut Context<'_>) -> io::Result<()> {
+    /// `Err` once the kill switch has flipped; registers the waker of the task polling in
+    /// `direction` otherwise.
+    fn check(&mut self, cx: &mut Context<'_>, direction: usize) -> io::Result<()> {
         let dead = || io::Error::new(io::ErrorKind::ConnectionAborted, "server shut down");
-        let Some(killed) = self.killed.as_mut() else {
+        let Some(killed) = self.killed[direction].as_mut() else {
             return Err(dead());
         };
         match killed.as_mut().poll(cx) {
             Poll::Ready(()) => {
                 // Never polled again once done; the connection stays dead.
-                self.killed = None;
+                self.killed = [None, None];
                 Err(dead())
             }
             Poll::Pending => Ok(()),
@@ -192,7 +200,7 @@ impl<IO> Conn<IO> {
 impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.check(cx)?;
+        this.check(cx, READ)?;
         Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
@@ -200,7 +208,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
 impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.check(cx)?;
+        this.check(cx, WRITE)?;
         Pin::new(&mut this.io).poll_write(cx, buf)
     }
 
@@ -210,7 +218,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        this.check(cx)?;
+        this.check(cx, WRITE)?;
         Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
     }
 
@@ -220,11 +228,30 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Conn<IO> {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        this.check(cx)?;
+        this.check(cx, WRITE)?;
         Pin::new(&mut this.io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// How long a TCP connection may be silent before the kernel probes it, how often it probes,
+/// and how many unanswered probes end it: a peer that vanished without closing (a crashed
+/// host, a partition) is noticed within about 25 s even inside a long replication session,
+/// which no request deadline covers on the server's side.
+const KEEPALIVE: (Duration, Duration, u32) = (Duration::from_secs(10), Duration::from_secs(5), 3);
+
+/// Turns on TCP keepalive probes on `tcp` (see [`KEEPALIVE`]); a socket that refuses them
+/// still works, only without the probes.
+pub(crate) fn keepalive(tcp: &TcpStream) {
+    let (time, interval, retries) = KEEPALIVE;
+    let probes = socket2::TcpKeepalive::new()
+        .with_time(time)
+        .with_interval(interval)
+        .with_retries(retries);
+    if let Err(e) = socket2::SockRef::from(tcp).set_tcp_keepalive(&probes) {
+        tracing::debug!("cannot enable TCP keepalive: {e}");
     }
 }

@@ -260,3 +260,38 @@ async fn idle_connections_beyond_the_limit_are_closed() {
     drop(clients);
     node.stop().await.unwrap();
 }
+
+/// A pooled connection the server closed meanwhile (here: the peer restarted on the same
+/// address) is not used: the next call dials afresh and succeeds at its first attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_server_closed_are_not_reused() {
+    let net = Net::new(Transport::Tcp);
+    let mut node = KvNode::start(2, demo::raft_config(), net.config(2), loopback())
+        .await
+        .unwrap();
+    demo::initialize_alone(&node).await.unwrap();
+    let addr = node.addr();
+    let mut factory = raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(1, net.config(1)).unwrap();
+    let mut client = factory.new_client(2, &BasicNode::new(addr.to_string())).await;
+    let vote = || openraft::raft::VoteRequest {
+        vote: openraft::impls::Vote::new(0, 1),
+        last_log_id: None,
+        leadership_transfer: false,
+    };
+    client
+        .vote(vote(), RPCOption::new(Duration::from_secs(3)))
+        .await
+        .unwrap();
+    node.stop().await.unwrap();
+    let mut node = KvNode::start(2, demo::raft_config(), net.config(2), addr)
+        .await
+        .unwrap();
+    demo::initialize_alone(&node).await.unwrap();
+    // Let the old connection's close arrive.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    client
+        .vote(vote(), RPCOption::new(Duration::from_secs(3)))
+        .await
+        .unwrap_or_else(|e| panic!("the first call after the restart failed: {e}"));
+    node.stop().await.unwrap();
+}

@@ -275,19 +275,30 @@ where
     let mut batch: Vec<(u64, Message<C>)> = Vec::with_capacity(MAX_BATCH);
     while let Some(result) = results.next().await {
         let mut next = Some(result);
+        // A failure that ends the session goes out after the replies before it.
+        let mut failed = None;
         while let Some(result) = next.take() {
-            let result = result?;
             let id = ids.lock().unwrap_or_else(|p| p.into_inner()).pop_front();
-            let id = id.ok_or_else(|| Refusal::new(RefusalKind::Internal, "more results than requests"))?;
-            batch.push((id, Message::StreamAppendReply(result)));
-            if batch.len() < MAX_BATCH {
+            match (result, id) {
+                (Ok(result), Some(id)) => batch.push((id, Message::StreamAppendReply(result))),
+                (Ok(_), None) => {
+                    failed = Some(Refusal::new(RefusalKind::Internal, "more results than requests"))
+                }
+                (Err(refusal), _) => failed = Some(refusal),
+            }
+            if failed.is_none() && batch.len() < MAX_BATCH {
                 next = results.next().now_or_never().flatten();
             }
         }
-        send.write_batch(&batch, served.max_len)
-            .await
-            .map_err(|e| Refusal::new(RefusalKind::Internal, e))?;
-        batch.clear();
+        if !batch.is_empty() {
+            send.write_batch(&batch, served.max_len)
+                .await
+                .map_err(|e| Refusal::new(RefusalKind::Internal, e))?;
+            batch.clear();
+        }
+        if let Some(refusal) = failed {
+            return Err(refusal);
+        }
     }
     Ok(ended.load(Ordering::Relaxed))
 }

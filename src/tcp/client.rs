@@ -80,8 +80,8 @@ impl<C: RaftWireConfig> link::Connector<C> for Connector {
     }
 }
 
-/// A freshly dialled connection, until a call takes it.
-type Fresh = Arc<Mutex<Option<Conn>>>;
+/// A freshly dialled connection and when it was made, until a call takes it.
+type Fresh = Arc<Mutex<Option<(Conn, Instant)>>>;
 
 /// Connections of one peer and purpose.
 pub(crate) struct Lane {
@@ -128,18 +128,30 @@ impl Lane {
                 return Ok(conn);
             }
             let fresh = self.dial().await?;
-            if let Some(conn) = fresh.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let taken = fresh.lock().unwrap_or_else(|p| p.into_inner()).take();
+            // A connection nobody claimed for long (its caller gave up during the dial) may
+            // have been closed by the server since; so may one the server went away from.
+            if let Some((conn, since)) = taken
+                && since.elapsed() < self.idle_reuse
+                && still_open(&conn)
+            {
                 return Ok(conn);
             }
-            // Another call took that one; the dialer makes the next.
+            // Another call took that one, or it was stale; the dialer makes the next.
         }
     }
 
+    /// An idle connection that is still open, the most recently used first.
     fn reuse(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         idle.retain(|(_, since)| now.duration_since(*since) < self.idle_reuse);
-        idle.pop().map(|(conn, _)| conn)
+        while let Some((conn, _)) = idle.pop() {
+            if still_open(&conn) {
+                return Some(conn);
+            }
+        }
+        None
     }
 
     async fn dial(&self) -> Result<Fresh, TransportError> {
@@ -153,13 +165,14 @@ impl Lane {
                         .await
                         .map_err(|e| format!("cannot connect: {e}"))?;
                     let _ = tcp.set_nodelay(true);
+                    crate::accept::keepalive(&tcp);
                     let connector = tokio_rustls::TlsConnector::from(config);
                     let mut conn = connector
                         .connect(tls::server_name(target), tcp)
                         .await
                         .map_err(|e| handshake_refusal(&e).unwrap_or_else(|| error_chain(&e)))?;
                     greeting(&mut conn).await?;
-                    Ok(Arc::new(Mutex::new(Some(conn))))
+                    Ok(Arc::new(Mutex::new(Some((conn, Instant::now())))))
                 },
             )
             .await
@@ -207,6 +220,16 @@ impl Lane {
         self.observe(&outcome);
         outcome
     }
+}
+
+/// Whether an idle connection can carry an exchange: between exchanges the server sends
+/// nothing, so anything readable (the end of the stream, a TLS alert or close) means the
+/// server closed it. Looks without reading and without waiting.
+fn still_open(conn: &Conn) -> bool {
+    let mut byte = [0u8; 1];
+    let peeked = futures::FutureExt::now_or_never(conn.get_ref().0.peek(&mut byte));
+    // Nothing to read yet: open. Anything else (data, end, an error): not reusable.
+    peeked.is_none()
 }
 
 /// Waits for the server's greeting, an `End` frame it sends once it has accepted our
