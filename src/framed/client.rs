@@ -1,6 +1,7 @@
 //! The client side of exchanges in frames, on whatever halves a transport opened: one-off
 //! calls, pipelined replication sessions and snapshot uploads.
 
+use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -8,8 +9,13 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use openraft::network::RPCTypes;
 use openraft::raft::AppendEntriesRequest;
+use openraft::raft::AppendEntriesResponse;
 use openraft::raft::SnapshotResponse;
 use openraft::raft::StreamAppendResult;
+use openraft::raft::TransferLeaderRequest;
+use openraft::raft::TransferLeaderResponse;
+use openraft::raft::VoteRequest;
+use openraft::raft::VoteResponse;
 
 use super::FrameReader;
 use super::Outgoing;
@@ -31,6 +37,61 @@ use crate::pipeline::SendError;
 use crate::snapshot::Trailer;
 use crate::stats::Stats;
 use crate::types::RaftWireConfig;
+
+/// A transport's one-off calls: one request and its reply on an exchange of their own, within
+/// `deadline`. The typed calls below follow from it.
+pub(crate) trait Calls<C: RaftWireConfig>: Sync {
+    fn exchange(
+        &self,
+        rpc: RPCTypes,
+        deadline: Duration,
+        msg: Message<C>,
+    ) -> impl Future<Output = Result<Message<C>, TransportError>> + Send;
+}
+
+/// A vote or pre-vote round trip.
+pub(crate) async fn vote<C: RaftWireConfig>(
+    t: &impl Calls<C>,
+    req: VoteRequest<C>,
+    pre_vote: bool,
+    deadline: Duration,
+) -> Result<VoteResponse<C>, TransportError> {
+    let msg = if pre_vote {
+        Message::PreVote(req)
+    } else {
+        Message::Vote(req)
+    };
+    match t.exchange(RPCTypes::Vote, deadline, msg).await? {
+        Message::VoteReply(r) => Ok(r),
+        other => Err(unexpected(RPCTypes::Vote, &other)),
+    }
+}
+
+/// One AppendEntries round trip outside a replication session.
+pub(crate) async fn append<C: RaftWireConfig>(
+    t: &impl Calls<C>,
+    req: AppendEntriesRequest<C>,
+    deadline: Duration,
+) -> Result<AppendEntriesResponse<C>, TransportError> {
+    let rpc = RPCTypes::AppendEntries;
+    match t.exchange(rpc, deadline, Message::Append(req)).await? {
+        Message::AppendReply(r) => Ok(r),
+        other => Err(unexpected(rpc, &other)),
+    }
+}
+
+/// A transfer-leader round trip.
+pub(crate) async fn transfer_leader<C: RaftWireConfig>(
+    t: &impl Calls<C>,
+    req: TransferLeaderRequest<C>,
+    deadline: Duration,
+) -> Result<TransferLeaderResponse<C>, TransportError> {
+    let rpc = RPCTypes::TransferLeader;
+    match t.exchange(rpc, deadline, Message::TransferLeader(req)).await? {
+        Message::TransferLeaderReply(r) => Ok(r),
+        other => Err(unexpected(rpc, &other)),
+    }
+}
 
 /// One request, one reply, on an exchange the transport just opened.
 pub(crate) async fn call<C, W, R>(

@@ -28,7 +28,6 @@ use crate::error::error_chain;
 use crate::error::handshake_refusal;
 use crate::framed;
 use crate::framed::client::failed;
-use crate::framed::client::unexpected;
 use crate::link;
 use crate::link::Link;
 use crate::link::Purpose;
@@ -200,15 +199,22 @@ impl Lane {
             FrameReader::new(recv, self.shared.max_len).counted(received),
         ))
     }
+}
 
-    /// One request on a fresh stream, one reply.
-    async fn call<C: RaftWireConfig>(
+impl<C: RaftWireConfig> framed::client::Calls<C> for Lane {
+    /// One request on a fresh stream, one reply. Votes go ahead of replication and snapshot
+    /// data when both wait: elections must not wait behind bulk bytes either.
+    async fn exchange(
         &self,
         rpc: RPCTypes,
         deadline: Duration,
         msg: Message<C>,
-        priority: i32,
     ) -> Result<Message<C>, TransportError> {
+        let priority = if rpc == RPCTypes::Vote {
+            HEARTBEAT_PRIORITY
+        } else {
+            0
+        };
         let work = async {
             let (send, reader) = self.open(rpc, priority).await?;
             framed::client::call(&self.addr, rpc, send, reader, msg, self.shared.max_len).await
@@ -229,21 +235,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
         pre_vote: bool,
         deadline: Duration,
     ) -> BoxFuture<'_, Result<VoteResponse<C>, TransportError>> {
-        Box::pin(async move {
-            let msg = if pre_vote {
-                Message::PreVote(req)
-            } else {
-                Message::Vote(req)
-            };
-            // Elections must not wait behind replication data either.
-            match self
-                .call(RPCTypes::Vote, deadline, msg, HEARTBEAT_PRIORITY)
-                .await?
-            {
-                Message::VoteReply(r) => Ok(r),
-                other => Err(unexpected(RPCTypes::Vote, &other)),
-            }
-        })
+        Box::pin(framed::client::vote(self, req, pre_vote, deadline))
     }
 
     fn append(
@@ -251,15 +243,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
         req: AppendEntriesRequest<C>,
         deadline: Duration,
     ) -> BoxFuture<'_, Result<AppendEntriesResponse<C>, TransportError>> {
-        Box::pin(async move {
-            match self
-                .call(RPCTypes::AppendEntries, deadline, Message::Append(req), 0)
-                .await?
-            {
-                Message::AppendReply(r) => Ok(r),
-                other => Err(unexpected(RPCTypes::AppendEntries, &other)),
-            }
-        })
+        Box::pin(framed::client::append(self, req, deadline))
     }
 
     fn transfer_leader(
@@ -267,20 +251,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
         req: TransferLeaderRequest<C>,
         deadline: Duration,
     ) -> BoxFuture<'_, Result<TransferLeaderResponse<C>, TransportError>> {
-        Box::pin(async move {
-            match self
-                .call(
-                    RPCTypes::TransferLeader,
-                    deadline,
-                    Message::TransferLeader(req),
-                    0,
-                )
-                .await?
-            {
-                Message::TransferLeaderReply(r) => Ok(r),
-                other => Err(unexpected(RPCTypes::TransferLeader, &other)),
-            }
-        })
+        Box::pin(framed::client::transfer_leader(self, req, deadline))
     }
 
     fn stream_append<'s>(

@@ -31,7 +31,6 @@ use crate::error::handshake_refusal;
 use crate::framed;
 use crate::framed::FrameReader;
 use crate::framed::Outgoing;
-use crate::framed::client::unexpected;
 use crate::link;
 use crate::link::Link;
 use crate::link::Purpose;
@@ -201,9 +200,11 @@ impl Lane {
             self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
     }
+}
 
-    /// One request, one reply.
-    async fn call<C: RaftWireConfig>(
+impl<C: RaftWireConfig> framed::client::Calls<C> for Lane {
+    /// One request, one reply, on a pooled or new connection.
+    async fn exchange(
         &self,
         rpc: RPCTypes,
         deadline: Duration,
@@ -255,17 +256,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
         pre_vote: bool,
         deadline: Duration,
     ) -> BoxFuture<'_, Result<VoteResponse<C>, TransportError>> {
-        Box::pin(async move {
-            let msg = if pre_vote {
-                Message::PreVote(req)
-            } else {
-                Message::Vote(req)
-            };
-            match self.call(RPCTypes::Vote, deadline, msg).await? {
-                Message::VoteReply(r) => Ok(r),
-                other => Err(unexpected(RPCTypes::Vote, &other)),
-            }
-        })
+        Box::pin(framed::client::vote(self, req, pre_vote, deadline))
     }
 
     fn append(
@@ -273,15 +264,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
         req: AppendEntriesRequest<C>,
         deadline: Duration,
     ) -> BoxFuture<'_, Result<AppendEntriesResponse<C>, TransportError>> {
-        Box::pin(async move {
-            match self
-                .call(RPCTypes::AppendEntries, deadline, Message::Append(req))
-                .await?
-            {
-                Message::AppendReply(r) => Ok(r),
-                other => Err(unexpected(RPCTypes::AppendEntries, &other)),
-            }
-        })
+        Box::pin(framed::client::append(self, req, deadline))
     }
 
     fn transfer_leader(
@@ -289,15 +272,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
         req: TransferLeaderRequest<C>,
         deadline: Duration,
     ) -> BoxFuture<'_, Result<TransferLeaderResponse<C>, TransportError>> {
-        Box::pin(async move {
-            match self
-                .call(RPCTypes::TransferLeader, deadline, Message::TransferLeader(req))
-                .await?
-            {
-                Message::TransferLeaderReply(r) => Ok(r),
-                other => Err(unexpected(RPCTypes::TransferLeader, &other)),
-            }
-        })
+        Box::pin(framed::client::transfer_leader(self, req, deadline))
     }
 
     fn stream_append<'s>(
