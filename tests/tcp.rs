@@ -76,6 +76,15 @@ fn error_code(bytes: &[u8]) -> u16 {
     u16::from_be_bytes([bytes[18], bytes[19]])
 }
 
+/// A vote from node `from` that changes nothing at the receiver: term 0, below any real term.
+fn stale_vote(from: u64) -> openraft::raft::VoteRequest<KvConfig> {
+    openraft::raft::VoteRequest {
+        vote: openraft::impls::Vote::new(0, from),
+        last_log_id: None,
+        leadership_transfer: false,
+    }
+}
+
 /// Heartbeats, votes and writes reuse a few connections per peer instead of one per call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_are_reused_across_exchanges() {
@@ -148,13 +157,8 @@ async fn hostile_frames_are_refused_and_the_node_serves_on() {
     // The node still answers a real client.
     let mut factory = raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(1, net.config(1)).unwrap();
     let mut client = factory.new_client(2, &BasicNode::new(addr.to_string())).await;
-    let vote = openraft::raft::VoteRequest {
-        vote: openraft::impls::Vote::new(0, 1),
-        last_log_id: None,
-        leadership_transfer: false,
-    };
     client
-        .vote(vote, RPCOption::new(Duration::from_secs(3)))
+        .vote(stale_vote(1), RPCOption::new(Duration::from_secs(3)))
         .await
         .unwrap();
     node.stop().await.unwrap();
@@ -182,18 +186,13 @@ async fn grpc_and_tcp_share_one_port() {
             .unwrap();
         let mut factory = raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(1, config).unwrap();
         let mut client = factory.new_client(2, &BasicNode::new(server.to_string())).await;
-        let vote = |from| openraft::raft::VoteRequest {
-            vote: openraft::impls::Vote::new(0, from),
-            last_log_id: None,
-            leadership_transfer: false,
-        };
         client
-            .vote(vote(1), RPCOption::new(Duration::from_secs(3)))
+            .vote(stale_vote(1), RPCOption::new(Duration::from_secs(3)))
             .await
             .unwrap_or_else(|e| panic!("{transport}: {e}"));
         // Node 1 may not speak for node 3, on either transport.
         let forged = client
-            .vote(vote(3), RPCOption::new(Duration::from_secs(3)))
+            .vote(stale_vote(3), RPCOption::new(Duration::from_secs(3)))
             .await
             .unwrap_err();
         assert!(forged.to_string().contains("node 1"), "{transport}: {forged}");
@@ -231,14 +230,9 @@ async fn idle_connections_beyond_the_limit_are_closed() {
     for _ in 0..12 {
         clients.push(factory.new_client(2, &BasicNode::new(addr.to_string())).await);
     }
-    let calls = clients.iter_mut().map(|client| {
-        let vote = openraft::raft::VoteRequest {
-            vote: openraft::impls::Vote::new(0, 1),
-            last_log_id: None,
-            leadership_transfer: false,
-        };
-        client.vote(vote, RPCOption::new(Duration::from_secs(5)))
-    });
+    let calls = clients
+        .iter_mut()
+        .map(|client| client.vote(stale_vote(1), RPCOption::new(Duration::from_secs(5))));
     for outcome in futures::future::join_all(calls).await {
         outcome.unwrap();
     }
@@ -273,13 +267,8 @@ async fn connections_the_server_closed_are_not_reused() {
     let addr = node.addr();
     let mut factory = raftwire::NetworkFactory::<KvConfig, KvSnapshotData>::new(1, net.config(1)).unwrap();
     let mut client = factory.new_client(2, &BasicNode::new(addr.to_string())).await;
-    let vote = || openraft::raft::VoteRequest {
-        vote: openraft::impls::Vote::new(0, 1),
-        last_log_id: None,
-        leadership_transfer: false,
-    };
     client
-        .vote(vote(), RPCOption::new(Duration::from_secs(3)))
+        .vote(stale_vote(1), RPCOption::new(Duration::from_secs(3)))
         .await
         .unwrap();
     node.stop().await.unwrap();
@@ -290,7 +279,7 @@ async fn connections_the_server_closed_are_not_reused() {
     // Let the old connection's close arrive.
     tokio::time::sleep(Duration::from_millis(100)).await;
     client
-        .vote(vote(), RPCOption::new(Duration::from_secs(3)))
+        .vote(stale_vote(1), RPCOption::new(Duration::from_secs(3)))
         .await
         .unwrap_or_else(|e| panic!("the first call after the restart failed: {e}"));
     node.stop().await.unwrap();

@@ -12,6 +12,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::StreamExt;
 use openraft::storage::RaftStateMachine;
+use tokio::task::JoinSet;
 
 use super::FrameReader;
 use super::Outgoing;
@@ -38,6 +39,19 @@ pub(crate) struct Served<'a, C: RaftWireConfig, SM: RaftStateMachine<C>> {
     pub(crate) first_frame: Duration,
     /// The transport's name in the logs.
     pub(crate) transport: &'static str,
+}
+
+/// Waits up to `grace` for every connection task to end by itself, and logs how many were
+/// still busy; the caller then closes those.
+pub(crate) async fn drain(connections: &mut JoinSet<()>, grace: Duration, transport: &str) {
+    let drained =
+        tokio::time::timeout(grace, async { while connections.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::info!(
+            open = connections.len(),
+            "{transport} connections still busy after the shutdown grace period; closing them"
+        );
+    }
 }
 
 /// The wire code of a refusal.

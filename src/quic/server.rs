@@ -103,16 +103,7 @@ where
     // Stop accepting: new connection attempts are refused from here on.
     endpoint.set_server_config(None);
     // Connections stop taking new streams; open ones get the grace period.
-    let drained = tokio::time::timeout(config.shutdown_grace, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::info!(
-            open = connections.len(),
-            "QUIC connections still busy after the shutdown grace period; closing them"
-        );
-    }
+    crate::framed::server::drain(&mut connections, config.shutdown_grace, "QUIC").await;
     endpoint.close(quinn::VarInt::from_u32(0), b"server shutting down");
     connections.shutdown().await;
     // The socket is released once the endpoint has told its peers (bounded: peers that do

@@ -75,16 +75,7 @@ where
     }
     drop(incoming);
     // Idle connections close at once; exchanges under way get the grace period.
-    let drained = tokio::time::timeout(config.shutdown_grace, async {
-        while connections.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::info!(
-            open = connections.len(),
-            "TCP exchanges still open after the shutdown grace period; closing their connections"
-        );
-    }
+    crate::framed::server::drain(&mut connections, config.shutdown_grace, "TCP").await;
     let _ = kill_tx.send(true);
     connections.shutdown().await;
     // Handlers still reading a killed connection fail at their next read and let go.
