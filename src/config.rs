@@ -174,6 +174,8 @@ pub struct Config {
     pub(crate) max_control_message_size: usize,
     pub(crate) tls: Option<TlsConfig>,
     pub(crate) quic: QuicTuning,
+    #[cfg(feature = "compression")]
+    pub(crate) compression: Compression,
 }
 
 impl Config {
@@ -198,6 +200,8 @@ impl Config {
             max_control_message_size: 64 << 10,
             tls: None,
             quic: QuicTuning::default(),
+            #[cfg(feature = "compression")]
+            compression: Compression::Off,
         }
     }
 
@@ -229,6 +233,12 @@ impl Config {
     /// The most encoded bytes one message may have, on send and on receive.
     pub fn max_message_size(&self) -> usize {
         self.max_message_size
+    }
+
+    /// Whether and how large frames are compressed.
+    #[cfg(feature = "compression")]
+    pub fn compression(&self) -> Compression {
+        self.compression
     }
 
     /// The in-flight window of one replication stream.
@@ -436,6 +446,17 @@ impl ConfigBuilder {
         self
     }
 
+    /// Compresses large frames: append batches and snapshot chunks (see [`Compression`]).
+    /// Every node of a cluster must use the same setting: a peer that differs is refused at
+    /// connect with an error that says so (QUIC and TCP: no common ALPN protocol in the TLS
+    /// handshake; gRPC: every call refused with `FailedPrecondition`). Default:
+    /// [`Compression::Off`].
+    #[cfg(feature = "compression")]
+    pub fn compression(mut self, compression: Compression) -> Self {
+        self.config.compression = compression;
+        self
+    }
+
     /// QUIC transport tuning (ignored by gRPC).
     pub fn quic(mut self, tuning: QuicTuning) -> Self {
         self.config.quic = tuning;
@@ -526,6 +547,16 @@ impl ConfigBuilder {
                 value: "0s".into(),
             });
         }
+        #[cfg(feature = "compression")]
+        if let Compression::Zstd { level, .. } = c.compression
+            && (!(-7..=22).contains(&level) || level == 0)
+        {
+            return Err(ConfigError::Invalid {
+                field: "compression",
+                requirement: "a zstd level from -7 to 22, not 0 (zstd's fast levels are negative)",
+                value: level.to_string(),
+            });
+        }
         if c.snapshot_idle_timeout.is_zero() {
             return Err(ConfigError::Invalid {
                 field: "snapshot_idle_timeout",
@@ -538,12 +569,59 @@ impl ConfigBuilder {
 }
 
 /// The transports compiled into this build, for error messages.
-pub(crate) fn compiled_transports() -> &'static str {
-    match (cfg!(feature = "grpc"), cfg!(feature = "quic")) {
-        (true, true) => "grpc, quic",
-        (true, false) => "grpc",
-        (false, true) => "quic",
-        (false, false) => "none",
+pub(crate) fn compiled_transports() -> String {
+    let compiled = [
+        (cfg!(feature = "grpc"), "grpc"),
+        (cfg!(feature = "quic"), "quic"),
+        (cfg!(feature = "tcp"), "tcp"),
+    ];
+    let names: Vec<&str> = compiled.iter().filter(|(on, _)| *on).map(|(_, n)| *n).collect();
+    match names.is_empty() {
+        true => "none".into(),
+        false => names.join(", "),
+    }
+}
+
+/// Compression of large frames, set per cluster with [`ConfigBuilder::compression`] (cargo
+/// feature `compression`).
+///
+/// On QUIC and TCP, an append batch or snapshot chunk whose encoded body has at least
+/// `min_size` bytes is compressed with zstd and sent compressed only if that made it smaller
+/// (incompressible data costs one compression attempt, never extra bytes on the wire).
+/// Votes, heartbeats without entries and replies are never compressed. A compressed frame
+/// decompresses to at most [`max_message_size`](ConfigBuilder::max_message_size) bytes; a
+/// larger one is refused like an oversized frame. gRPC uses gRPC's own message compression
+/// (`grpc-encoding: zstd`, at zstd's default level) for every message of a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg(feature = "compression")]
+pub enum Compression {
+    /// Nothing is compressed (the default).
+    #[default]
+    Off,
+    /// zstd at `level` (1 to 22; negative levels are faster and compress less) for bodies of
+    /// at least `min_size` bytes.
+    Zstd {
+        /// zstd's compression level.
+        level: i32,
+        /// The smallest encoded body worth compressing, in bytes.
+        min_size: usize,
+    },
+}
+
+#[cfg(feature = "compression")]
+impl Compression {
+    /// zstd at level 1 for bodies of 4 KiB and more: fast enough to keep up with a
+    /// replication stream on one core (see BENCHMARKS.md).
+    pub fn zstd() -> Self {
+        Compression::Zstd {
+            level: 1,
+            min_size: 4096,
+        }
+    }
+
+    /// Whether this setting compresses anything.
+    pub fn is_on(self) -> bool {
+        !matches!(self, Compression::Off)
     }
 }
 

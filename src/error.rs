@@ -286,6 +286,11 @@ pub(crate) fn is_certificate_alert(alert: rustls::AlertDescription) -> bool {
 pub(crate) fn alert_refusal(alert: rustls::AlertDescription) -> String {
     if is_certificate_alert(alert) {
         format!("the server refused our certificate: {alert:?}")
+    } else if alert == rustls::AlertDescription::NoApplicationProtocol {
+        "the server speaks none of the protocols we asked for (TLS alert NoApplicationProtocol): \
+         its transport or compression setting differs from ours, and every node of a cluster \
+         needs the same"
+            .to_string()
     } else {
         format!("the server refused the TLS handshake: {alert:?}")
     }

@@ -121,7 +121,7 @@ struct CutFrame {
 /// is left; no sizes: everything at once), cutting frames after every piece as the QUIC
 /// receive loops do. Returns the frames and the error that stopped the decoder, if any.
 fn cut_frames(data: &[u8], max_len: usize, chunks: &[u8]) -> (Vec<CutFrame>, Option<String>) {
-    let mut decoder = FrameDecoder::new(max_len);
+    let mut decoder = FrameDecoder::new(max_len).with_compression();
     let mut buf = BytesMut::new();
     let mut frames = Vec::new();
     let mut sizes = chunks.iter().cycle();
@@ -223,7 +223,7 @@ fn encode_body(msg: &Message<C>) -> Result<Vec<u8>, Violation> {
             frame.len()
         )));
     }
-    match Header::parse(&frame, usize::MAX) {
+    match Header::parse(&frame, usize::MAX, 0) {
         Ok(Some(h)) if h.kind == msg.kind() && h.request_id == 7 && h.len as usize + HEADER_LEN == size => {
             Ok(frame[HEADER_LEN..].to_vec())
         }

@@ -129,6 +129,8 @@ pub use certs::ClientCertificate;
 pub use certs::NodeCertificate;
 pub use certs::Validity;
 pub use certs::inspect as inspect_certificate;
+#[cfg(feature = "compression")]
+pub use config::Compression;
 pub use config::Config;
 pub use config::ConfigBuilder;
 pub use config::CongestionControl;

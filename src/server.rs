@@ -330,7 +330,7 @@ where
             #[cfg(feature = "tcp")]
             Transport::Tcp => {
                 routes.push(crate::accept::Route {
-                    alpn: crate::tcp::ALPN,
+                    alpn: crate::tcp::alpn(config),
                     default: false,
                     to,
                 });

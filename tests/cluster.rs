@@ -11,8 +11,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::Cluster;
+use common::applied;
 use common::loopback;
-use futures::StreamExt;
+use common::snapshot_and_purge;
+use common::write_many;
 use raftwire::Transport;
 use raftwire::demo;
 use raftwire::kv::KvNode;
@@ -30,19 +32,6 @@ on_every_transport!(
     leadership_transfer,
     small_message_limit_splits_batches_and_caps_snapshot_chunks,
 );
-
-async fn write_many(node: &KvNode, n: u64, value: Bytes, concurrency: usize) {
-    let mut writes = futures::stream::iter(0..n)
-        .map(|i| node.write(format!("k{i:06}"), value.clone()))
-        .buffer_unordered(concurrency);
-    while let Some(r) = writes.next().await {
-        r.unwrap();
-    }
-}
-
-fn applied(node: &KvNode) -> u64 {
-    node.sm.last_applied().map_or(0, |l| l.index)
-}
 
 async fn election(transport: Transport) {
     let c = Cluster::voters(transport, 3).await;
@@ -109,26 +98,6 @@ async fn leader_crash_loses_no_acknowledged_write(transport: Transport) {
     // The new leader accepts writes.
     leader.write("after-failover", "x").await.unwrap();
     c.shutdown().await;
-}
-
-/// Writes `n` values of `size` bytes through node 1, then snapshots and purges the log of every
-/// node, so whichever node leads must send a snapshot to a newcomer.
-async fn snapshot_and_purge(c: &Cluster, n: u64, size: usize) -> u64 {
-    write_many(c.node(1), n, Bytes::from(vec![7u8; size]), 16).await;
-    let upto = applied(c.node(1));
-    for node in c.nodes.values() {
-        demo::await_applied(node, upto).await.unwrap();
-        node.raft.trigger().snapshot().await.unwrap();
-        let wait = node.raft.wait(Some(Duration::from_secs(10)));
-        wait.metrics(|m| m.snapshot.is_some_and(|s| s.index >= upto), "snapshot")
-            .await
-            .unwrap();
-        node.raft.trigger().purge_log(upto).await.unwrap();
-        wait.metrics(|m| m.purged.is_some_and(|p| p.index >= upto), "purge")
-            .await
-            .unwrap();
-    }
-    upto
 }
 
 async fn snapshot_in_chunks_reaches_learner_after_purge(transport: Transport) {

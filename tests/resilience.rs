@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use common::Net;
+use common::applied;
 use common::loopback;
 use common::relay::Relay;
 use openraft::impls::BasicNode;
@@ -78,10 +79,6 @@ async fn relayed_cluster(net: &Net, n: u64, one_way: Duration) -> (Vec<KvNode>, 
         .await
         .unwrap();
     (nodes, relays)
-}
-
-fn applied(node: &KvNode) -> u64 {
-    node.sm.last_applied().map_or(0, |l| l.index)
 }
 
 /// Every link has a 50 ms round trip: longer than nothing, shorter than openraft's deadline

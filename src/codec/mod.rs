@@ -9,7 +9,7 @@
 //! | 2 | magic `b"RW"` |
 //! | 1 | version (`1`) |
 //! | 1 | kind ([`Kind`]) |
-//! | 2 | flags (none defined: must be zero) |
+//! | 2 | flags (bit 0: body compressed with zstd, only where negotiated; others must be zero) |
 //! | 4 | body length |
 //! | 8 | request id |
 //!
@@ -26,8 +26,15 @@
 //! and closed.
 
 mod body;
+#[cfg(feature = "compression")]
+mod compress;
 #[cfg(test)]
 mod tests;
+
+#[cfg(feature = "compression")]
+pub(crate) use compress::Compressor;
+#[cfg(feature = "compression")]
+pub(crate) use compress::FLAG_ZSTD;
 
 use bytes::Buf;
 use bytes::Bytes;
@@ -209,9 +216,18 @@ pub(crate) enum FrameError {
     /// A kind byte outside [`Kind`].
     #[error("unknown frame kind {0}")]
     UnknownKind(u8),
-    /// Flag bits set, while none are defined.
+    /// Flag bits set that are not defined, or not negotiated on this connection.
     #[error("reserved frame flags set: {0:#06x}")]
     ReservedFlags(u16),
+    /// A frame body that could not be compressed.
+    #[cfg(feature = "compression")]
+    #[error("{kind:?} frame: {reason}")]
+    Compression {
+        /// The frame's kind.
+        kind: Kind,
+        /// What the compressor said.
+        reason: String,
+    },
     /// A body longer than the limit.
     #[error("frame of {len} bytes exceeds the limit of {max}")]
     TooLarge {
@@ -239,6 +255,8 @@ impl FrameError {
         match self {
             FrameError::TooLarge { .. } => ErrorCode::TooLarge,
             FrameError::Encode(_) => ErrorCode::Internal,
+            #[cfg(feature = "compression")]
+            FrameError::Compression { .. } => ErrorCode::Internal,
             FrameError::BadMagic(_)
             | FrameError::UnsupportedVersion(_)
             | FrameError::UnknownKind(_)
@@ -253,7 +271,7 @@ impl FrameError {
 pub(crate) struct Header {
     /// What the body holds.
     pub(crate) kind: Kind,
-    /// Flag bits; none are defined, so always zero.
+    /// Flag bits: `FLAG_ZSTD` (feature `compression`) or none.
     pub(crate) flags: u16,
     /// Body length in bytes, header excluded.
     pub(crate) len: u32,
@@ -283,8 +301,8 @@ impl Header {
     /// Parses a header from the start of `buf` without consuming it.
     ///
     /// `Ok(None)` when fewer than 18 bytes are buffered. A body longer than `max_len` is
-    /// refused here, before anyone reserves memory for it.
-    pub(crate) fn parse(buf: &[u8], max_len: usize) -> Result<Option<Header>, FrameError> {
+    /// refused here, before anyone reserves memory for it, and so are flags outside `allowed`.
+    pub(crate) fn parse(buf: &[u8], max_len: usize, allowed: u16) -> Result<Option<Header>, FrameError> {
         if buf.len() < HEADER_LEN {
             return Ok(None);
         }
@@ -299,7 +317,7 @@ impl Header {
         }
         let kind = Kind::try_from(b.get_u8()).map_err(FrameError::UnknownKind)?;
         let flags = b.get_u16();
-        if flags != 0 {
+        if flags & !allowed != 0 {
             return Err(FrameError::ReservedFlags(flags));
         }
         let len = b.get_u32();
@@ -337,6 +355,9 @@ pub(crate) struct FrameDecoder {
     /// The limit on control requests (votes, pre-votes, transfer-leader), at most `max_len`.
     max_control: usize,
     state: DecodeState,
+    /// Set where compression was negotiated: compressed frames are accepted and inflated.
+    #[cfg(feature = "compression")]
+    inflate: Option<compress::Decompressor>,
 }
 
 impl FrameDecoder {
@@ -346,7 +367,26 @@ impl FrameDecoder {
             max_len,
             max_control: max_len,
             state: DecodeState::Head,
+            #[cfg(feature = "compression")]
+            inflate: None,
         }
+    }
+
+    /// Also accepts compressed frames (see [`FLAG_ZSTD`]) and hands out their bodies
+    /// decompressed, each at most `max_len` bytes.
+    #[cfg(feature = "compression")]
+    pub(crate) fn with_compression(mut self) -> Self {
+        self.inflate = Some(compress::Decompressor::default());
+        self
+    }
+
+    /// The header flags this decoder accepts.
+    fn allowed_flags(&self) -> u16 {
+        #[cfg(feature = "compression")]
+        if self.inflate.is_some() {
+            return FLAG_ZSTD;
+        }
+        0
     }
 
     /// Also refuses control requests (votes, pre-votes, transfer-leader) longer than `max`,
@@ -358,12 +398,13 @@ impl FrameDecoder {
 
     /// The next whole frame in `buf`, consuming it; `Ok(None)` if more bytes are needed.
     ///
-    /// The body is split off `buf` without copying.
+    /// The body is split off `buf` without copying; a compressed one is decompressed, and the
+    /// header returned describes the body returned (no flags, its length).
     pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<(Header, Bytes)>, FrameError> {
         let header = match self.state {
             DecodeState::Data(header) => header,
             DecodeState::Head => {
-                let Some(header) = Header::parse(buf, self.max_len)? else {
+                let Some(header) = Header::parse(buf, self.max_len, self.allowed_flags())? else {
                     return Ok(None);
                 };
                 if header.kind.is_control() && header.len as usize > self.max_control {
@@ -393,6 +434,18 @@ impl FrameDecoder {
         }
         let body = buf.split_to(body_len).freeze();
         self.state = DecodeState::Head;
+        #[cfg(feature = "compression")]
+        if let Some(inflate) = &mut self.inflate
+            && header.flags & FLAG_ZSTD != 0
+        {
+            let body = inflate.body(header.kind, &body, self.max_len)?;
+            let header = Header {
+                flags: 0,
+                len: body.len() as u32,
+                ..header
+            };
+            return Ok(Some((header, body)));
+        }
         Ok(Some((header, body)))
     }
 }

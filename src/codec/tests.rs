@@ -440,7 +440,7 @@ fn header_round_trip() {
         header.encode(&mut buf);
         assert_eq!(buf.len(), HEADER_LEN);
         assert_eq!(&buf[..4], &[b'R', b'W', 1, v]);
-        assert_eq!(Header::parse(&buf, u32::MAX as usize).unwrap(), Some(header));
+        assert_eq!(Header::parse(&buf, u32::MAX as usize, 0).unwrap(), Some(header));
     }
 }
 
@@ -525,7 +525,7 @@ fn read_incomplete_head() {
     let (chunks, _) = encode_to_chunks(9, &Message::SnapshotChunk(Bytes::from_static(b"0123456789")));
     let frame = concat(&chunks);
     for n in 0..HEADER_LEN {
-        assert_eq!(Header::parse(&frame[..n], MAX).unwrap(), None);
+        assert_eq!(Header::parse(&frame[..n], MAX, 0).unwrap(), None);
         let mut buf = BytesMut::from(&frame[..n]);
         assert!(FrameDecoder::new(MAX).decode(&mut buf).unwrap().is_none());
         assert_eq!(buf.len(), n, "nothing consumed");
@@ -609,7 +609,7 @@ fn a_large_announced_body_is_reserved_only_as_it_arrives() {
 fn unknown_kind() {
     for kind in [0u8, 16, 17, 255] {
         let buf = raw_header(*b"RW", 1, kind, 0, 0);
-        let err = Header::parse(&buf, MAX).unwrap_err();
+        let err = Header::parse(&buf, MAX, 0).unwrap_err();
         assert!(matches!(err, FrameError::UnknownKind(k) if k == kind), "{err:?}");
         assert_eq!(err.error_code(), ErrorCode::BadRequest);
         assert_eq!(Kind::try_from(kind), Err(kind));
@@ -1133,4 +1133,133 @@ fn zero_copy_append_of_32_entries_of_64_kib() {
         );
     }
     assert_same(&decoded, &msg);
+}
+
+// ---- compression (feature `compression`) ----
+
+#[cfg(feature = "compression")]
+mod compression {
+    use super::*;
+    use crate::codec::Compressor;
+    use crate::codec::FLAG_ZSTD;
+    use crate::config::Compression;
+
+    fn zstd(min_size: usize) -> Compressor {
+        Compressor::new(Compression::Zstd { level: 1, min_size }).expect("compression on")
+    }
+
+    /// `msg` encoded and passed through `compressor`: the frame's bytes and size as sent.
+    fn compressed(compressor: &mut Compressor, msg: &Msg) -> (BytesMut, usize) {
+        let (mut chunks, size) = encode_to_chunks(5, msg);
+        let size = compressor.frame(&mut chunks, 0, size).expect("compresses");
+        let buf = concat(&chunks);
+        assert_eq!(buf.len(), size);
+        (buf, size)
+    }
+
+    /// A 64 KiB payload of repeated JSON-like text.
+    fn text() -> &'static [u8] {
+        let line = b"{\"user\":1234,\"name\":\"raftwire\",\"tags\":[\"a\",\"b\"]},";
+        let text: Vec<u8> = line.iter().copied().cycle().take(64 << 10).collect();
+        Box::leak(text.into_boxed_slice())
+    }
+
+    #[test]
+    fn large_appends_and_snapshot_chunks_shrink_and_decode_the_same() {
+        let mut compressor = zstd(4096);
+        for msg in [
+            Message::StreamAppend(append(vec![normal(11, text()), normal(12, text())])),
+            Message::Append(append(vec![normal(11, text())])),
+            Message::SnapshotChunk(Bytes::from_static(text())),
+        ] {
+            let plain = encode_to_chunks(5, &msg).1;
+            let (mut buf, size) = compressed(&mut compressor, &msg);
+            assert!(size < plain / 10, "{:?}: {size} of {plain} bytes", msg.kind());
+            assert_eq!(
+                Header::parse(&buf, MAX, FLAG_ZSTD).unwrap().unwrap().flags,
+                FLAG_ZSTD
+            );
+            let (header, body) = FrameDecoder::new(MAX)
+                .with_compression()
+                .decode(&mut buf)
+                .expect("valid frame")
+                .expect("whole frame");
+            assert_eq!((header.flags, header.len as usize), (0, plain - HEADER_LEN));
+            assert_same(&decode::<TestConfig>(&header, body).expect("decodes"), &msg);
+        }
+    }
+
+    #[test]
+    fn small_incompressible_and_control_frames_travel_as_they_are() {
+        let mut compressor = zstd(4096);
+        // Pseudo-random bytes: zstd cannot shrink them.
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        let noise: Vec<u8> = (0..64 << 10)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let noise: &'static [u8] = Box::leak(noise.into_boxed_slice());
+        for msg in [
+            Message::StreamAppend(append(vec![normal(11, &text()[..1000])])),
+            Message::SnapshotChunk(Bytes::from_static(noise)),
+            Message::Vote(VoteRequest::new(vote(3, 1, false), None)),
+        ] {
+            let (want, plain) = encode_to_chunks(5, &msg);
+            let (buf, size) = compressed(&mut compressor, &msg);
+            assert_eq!((size, &buf[..]), (plain, &concat(&want)[..]), "{:?}", msg.kind());
+        }
+    }
+
+    #[test]
+    fn compressed_frames_are_refused_where_not_negotiated() {
+        let (mut buf, _) = compressed(&mut zstd(1), &Message::SnapshotChunk(Bytes::from_static(text())));
+        let err = FrameDecoder::new(MAX).decode(&mut buf).unwrap_err();
+        assert!(matches!(err, FrameError::ReservedFlags(FLAG_ZSTD)), "{err}");
+    }
+
+    /// A compressed frame whose flag, kind, size or data lies.
+    #[test]
+    fn hostile_compressed_frames_are_refused() {
+        let zeros = zstd::bulk::compress(&vec![0u8; 1 << 20], 1).unwrap();
+        let frame = |kind: Kind, body: &[u8]| {
+            let mut buf = raw_header(super::super::MAGIC, 1, kind as u8, FLAG_ZSTD, body.len() as u32);
+            buf.extend_from_slice(body);
+            buf
+        };
+        // A small body that inflates past the limit: refused from the size it declares.
+        let err = FrameDecoder::new(64 << 10)
+            .with_compression()
+            .decode(&mut frame(Kind::SnapshotChunk, &zeros))
+            .unwrap_err();
+        assert!(
+            matches!(err, FrameError::TooLarge { len, max } if len == 1 << 20 && max == 64 << 10),
+            "{err}"
+        );
+        assert_eq!(err.error_code(), ErrorCode::TooLarge);
+        let cases: [(Kind, Vec<u8>); 4] = [
+            // Control and reply kinds are never compressed.
+            (Kind::Vote, zeros.clone()),
+            // Not zstd at all.
+            (Kind::StreamAppend, b"not a zstd frame at all".to_vec()),
+            // Cut short.
+            (Kind::SnapshotChunk, zeros[..zeros.len() / 2].to_vec()),
+            // A zstd frame that does not declare its size.
+            (Kind::SnapshotChunk, {
+                let mut e = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+                std::io::Write::write_all(&mut e, &[1u8; 5000]).unwrap();
+                e.finish().unwrap()
+            }),
+        ];
+        for (kind, body) in cases {
+            let err = FrameDecoder::new(MAX)
+                .with_compression()
+                .decode(&mut frame(kind, &body))
+                .unwrap_err();
+            assert_eq!(err.error_code(), ErrorCode::BadRequest, "{kind:?}: {err}");
+        }
+    }
 }

@@ -27,6 +27,52 @@ use crate::codec::FrameError;
 use crate::codec::Message;
 use crate::types::RaftWireConfig;
 
+/// What the two ends of a connection agreed on beyond the frame format (their ALPN protocol
+/// says it): whether large frames travel compressed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Framing {
+    #[cfg(feature = "compression")]
+    compression: crate::config::Compression,
+}
+
+impl Framing {
+    /// The framing `config` asks for.
+    pub(crate) fn of(config: &crate::config::Config) -> Self {
+        let _ = config;
+        Framing {
+            #[cfg(feature = "compression")]
+            compression: config.compression,
+        }
+    }
+
+    /// The ALPN protocol id for this framing: `plain`, or `zstd` where frames are compressed.
+    /// Peers whose settings differ share no protocol, so their TLS handshake fails.
+    pub(crate) fn alpn(self, plain: &'static [u8], zstd: &'static [u8]) -> &'static [u8] {
+        let _ = zstd;
+        #[cfg(feature = "compression")]
+        if self.compression.is_on() {
+            return zstd;
+        }
+        plain
+    }
+
+    /// One exchange's frame writer and reader over `send` and `recv`.
+    pub(crate) fn open<W: SendHalf, R: RecvHalf>(
+        self,
+        send: W,
+        recv: R,
+        max_len: usize,
+    ) -> (Outgoing<W>, FrameReader<R>) {
+        let (send, recv) = (Outgoing::new(send), FrameReader::new(recv, max_len));
+        #[cfg(feature = "compression")]
+        let (send, recv) = (
+            send.compressed(self.compression),
+            recv.compressed(self.compression.is_on()),
+        );
+        (send, recv)
+    }
+}
+
 /// The receiving half of one exchange.
 pub(crate) trait RecvHalf: AsyncRead + Unpin + Send {
     /// Whether the peer ends its part of an exchange with an `End` frame (TCP) rather than
@@ -113,6 +159,15 @@ impl<R: RecvHalf> FrameReader<R> {
         self
     }
 
+    /// Also accepts compressed frames when `on` (both ends negotiated compression).
+    #[cfg(feature = "compression")]
+    pub(crate) fn compressed(mut self, on: bool) -> Self {
+        if on {
+            self.decoder = std::mem::replace(&mut self.decoder, FrameDecoder::new(0)).with_compression();
+        }
+        self
+    }
+
     /// Also refuses control requests longer than `max` from their frame header (see
     /// [`FrameDecoder::with_control_limit`]).
     pub(crate) fn with_control_limit(mut self, max: usize) -> Self {
@@ -177,6 +232,9 @@ pub(crate) struct Outgoing<W: SendHalf> {
     finished: bool,
     /// Bytes written are added here (a client's, per peer; a no-op otherwise).
     sent: metrics::Counter,
+    /// Set where compression was negotiated.
+    #[cfg(feature = "compression")]
+    compressor: Option<codec::Compressor>,
 }
 
 impl<W: SendHalf> Outgoing<W> {
@@ -185,7 +243,35 @@ impl<W: SendHalf> Outgoing<W> {
             send,
             finished: false,
             sent: metrics::Counter::noop(),
+            #[cfg(feature = "compression")]
+            compressor: None,
         }
+    }
+
+    /// Compresses large bulk frames as `setting` says (both ends negotiated it).
+    #[cfg(feature = "compression")]
+    pub(crate) fn compressed(mut self, setting: crate::config::Compression) -> Self {
+        self.compressor = codec::Compressor::new(setting);
+        self
+    }
+
+    /// Appends `msg` as one frame to `chunks` (compressed where that was negotiated and
+    /// pays) and returns its size as sent.
+    fn encode<C: RaftWireConfig>(
+        &mut self,
+        request_id: u64,
+        msg: &Message<C>,
+        max_len: usize,
+        chunks: &mut Vec<Bytes>,
+    ) -> Result<usize, FrameError> {
+        #[cfg(feature = "compression")]
+        let start = chunks.len();
+        let size = codec::encode(request_id, msg, max_len, chunks)?;
+        #[cfg(feature = "compression")]
+        if let Some(c) = &mut self.compressor {
+            return c.frame(chunks, start, size);
+        }
+        Ok(size)
     }
 
     /// Adds every byte written to `sent`.
@@ -204,7 +290,7 @@ impl<W: SendHalf> Outgoing<W> {
         max_len: usize,
     ) -> Result<usize, WriteError> {
         let mut chunks: Vec<Bytes> = Vec::with_capacity(4);
-        let size = codec::encode(request_id, msg, max_len, &mut chunks)?;
+        let size = self.encode(request_id, msg, max_len, &mut chunks)?;
         self.send.write_chunks(&mut chunks).await?;
         self.sent.increment(size as u64);
         Ok(size)
@@ -219,7 +305,7 @@ impl<W: SendHalf> Outgoing<W> {
         let mut chunks: Vec<Bytes> = Vec::with_capacity(batch.len() * 2);
         let mut size = 0;
         for (id, msg) in batch {
-            size += codec::encode(*id, msg, max_len, &mut chunks)?;
+            size += self.encode(*id, msg, max_len, &mut chunks)?;
         }
         self.send.write_chunks(&mut chunks).await?;
         self.sent.increment(size as u64);
@@ -234,7 +320,7 @@ impl<W: SendHalf> Outgoing<W> {
         max_len: usize,
     ) -> Result<usize, WriteError> {
         let mut chunks: Vec<Bytes> = Vec::with_capacity(5);
-        let size = codec::encode(request_id, msg, max_len, &mut chunks)?;
+        let size = self.encode(request_id, msg, max_len, &mut chunks)?;
         self.send.write_last(&mut chunks).await?;
         self.finished = true;
         self.sent.increment(size as u64);

@@ -88,6 +88,9 @@ pub(crate) struct Lane {
     dialer: Dialer<Channel>,
     max_message_size: usize,
     max_in_flight_requests: usize,
+    /// Whether messages are compressed (zstd) both ways.
+    #[cfg(feature = "compression")]
+    compressed: bool,
     stats: Stats,
 }
 
@@ -126,14 +129,22 @@ impl Lane {
             dialer: Dialer::new(addr, config.connect_timeout, stats.clone()),
             max_message_size: config.max_message_size,
             max_in_flight_requests: config.max_in_flight_requests,
+            #[cfg(feature = "compression")]
+            compressed: super::compressed(config),
             stats,
         }
     }
 
     async fn client(&self) -> Result<RaftClient<Channel>, TransportError> {
-        Ok(RaftClient::new(self.channel().await?)
+        let client = RaftClient::new(self.channel().await?)
             .max_decoding_message_size(self.max_message_size)
-            .max_encoding_message_size(self.max_message_size))
+            .max_encoding_message_size(self.max_message_size);
+        #[cfg(feature = "compression")]
+        if self.compressed {
+            let zstd = tonic::codec::CompressionEncoding::Zstd;
+            return Ok(client.send_compressed(zstd).accept_compressed(zstd));
+        }
+        Ok(client)
     }
 
     /// The current connection, dialled if there is none. Its bytes are counted on the TCP
@@ -349,6 +360,11 @@ impl<C: RaftWireConfig> Link<C> for Lane {
             let mut grpc = tonic::client::Grpc::new(self.channel().await?)
                 .max_decoding_message_size(self.max_message_size)
                 .max_encoding_message_size(self.max_message_size);
+            #[cfg(feature = "compression")]
+            if self.compressed {
+                let zstd = tonic::codec::CompressionEncoding::Zstd;
+                grpc = grpc.send_compressed(zstd).accept_compressed(zstd);
+            }
             // Two chunks in flight, and a slot kept for the abort marker.
             let (tx, rx) = mpsc::channel::<Result<pb::SnapshotChunk, Status>>(3);
             let abort = tx.clone().try_reserve_owned().ok();
@@ -556,6 +572,13 @@ impl<C: RaftWireConfig> RequestSink<C> for ChannelSink {
 /// connection is handed to hyper only after the server's first bytes, see `primed`.)
 fn status_to_error(addr: &str, rpc: RPCTypes, status: Status) -> TransportError {
     if status.metadata().get(ERROR_MARK).is_some() {
+        // The server's refusal of the way this node talks (compression): no call can work.
+        if status.code() == Code::FailedPrecondition {
+            return TransportError::Connect {
+                addr: addr.to_string(),
+                reason: status.message().to_string(),
+            };
+        }
         return TransportError::Remote {
             rpc,
             reason: format!("{:?}: {}", status.code(), status.message()),

@@ -24,5 +24,16 @@ pub mod pb {
 /// gRPC's ALPN protocol id (HTTP/2).
 pub(crate) const ALPN: &[u8] = b"h2";
 
+/// Whether `config` compresses gRPC messages (zstd, gRPC's own message compression).
+fn compressed(config: &crate::config::Config) -> bool {
+    #[cfg(feature = "compression")]
+    return config.compression.is_on();
+    #[cfg(not(feature = "compression"))]
+    {
+        let _ = config;
+        false
+    }
+}
+
 /// Metadata key set on every error status raftwire's server produces itself.
 pub(crate) const ERROR_MARK: &str = "raftwire-error";

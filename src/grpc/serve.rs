@@ -52,9 +52,19 @@ where
     SM: RaftStateMachine<C>,
     SM::SnapshotData: SnapshotData,
 {
-    let service = RaftServer::new(super::RaftService::new(service))
+    let compressed = super::compressed(&config);
+    let service = RaftServer::new(super::RaftService::new(service, compressed))
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
+    // Compressed requests are always decoded, so a caller whose setting differs from this
+    // node's gets the refusal that says so (`RaftService`), not a codec error.
+    #[cfg(feature = "compression")]
+    let service = match compressed {
+        true => service
+            .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
+            .send_compressed(tonic::codec::CompressionEncoding::Zstd),
+        false => service.accept_compressed(tonic::codec::CompressionEncoding::Zstd),
+    };
     let control_limit = config.max_control_message_size;
     let router = tonic::transport::Server::builder()
         .tcp_nodelay(true)

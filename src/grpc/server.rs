@@ -31,11 +31,36 @@ use crate::types::RaftWireConfig;
 /// Serves the server core over gRPC: decodes, hands over, encodes.
 pub(crate) struct RaftService<C: RaftWireConfig, SM: RaftStateMachine<C>> {
     service: Arc<Service<C, SM>>,
+    /// Whether this node's peers must compress their messages (zstd), as it does.
+    compressed: bool,
 }
 
 impl<C: RaftWireConfig, SM: RaftStateMachine<C>> RaftService<C, SM> {
-    pub(crate) fn new(service: Arc<Service<C, SM>>) -> Self {
-        RaftService { service }
+    pub(crate) fn new(service: Arc<Service<C, SM>>, compressed: bool) -> Self {
+        RaftService { service, compressed }
+    }
+
+    /// The calling node, from its TLS certificate (no node id on a plaintext server), once
+    /// its messages are known to be compressed exactly when this node's are: a cluster agrees
+    /// on compression, and a caller that differs is refused with `FailedPrecondition`.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let encoding = req.metadata().get("grpc-encoding").map(|v| v.as_bytes());
+        let zstd = encoding == Some(b"zstd".as_slice());
+        if zstd != self.compressed {
+            let (who, not) = match self.compressed {
+                true => ("this node", "the caller"),
+                false => ("the caller", "this node"),
+            };
+            return Err(marked(Status::failed_precondition(format!(
+                "{who} compresses its Raft messages (zstd) and {not} does not: every node of a \
+                 cluster needs the same compression setting"
+            ))));
+        }
+        let conn = req.extensions().get::<ConnInfo>().copied();
+        Ok(Caller {
+            node_id: conn.and_then(|c| c.node_id),
+            addr: conn.map_or_else(|| ([0, 0, 0, 0], 0).into(), |c| c.addr),
+        })
     }
 }
 
@@ -133,15 +158,6 @@ impl http_body::Body for RemapTrailers {
     }
 }
 
-/// The calling node, from its TLS certificate (no node id on a plaintext server).
-fn caller<T>(req: &Request<T>) -> Caller {
-    let conn = req.extensions().get::<ConnInfo>().copied();
-    Caller {
-        node_id: conn.and_then(|c| c.node_id),
-        addr: conn.map_or_else(|| ([0, 0, 0, 0], 0).into(), |c| c.addr),
-    }
-}
-
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<pb::StreamAppendReply, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -152,7 +168,7 @@ where
     SM::SnapshotData: SnapshotData,
 {
     async fn vote(&self, req: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
-        let caller = caller(&req);
+        let caller = self.caller(&req)?;
         let req = convert::vote_request_from_pb::<C>(req.into_inner())
             .map_err(|e| status(bad_request(&caller, "Vote", e)))?;
         let resp = self.service.vote(caller, req, false).await.map_err(status)?;
@@ -160,7 +176,7 @@ where
     }
 
     async fn pre_vote(&self, req: Request<pb::VoteRequest>) -> Result<Response<pb::VoteResponse>, Status> {
-        let caller = caller(&req);
+        let caller = self.caller(&req)?;
         let req = convert::vote_request_from_pb::<C>(req.into_inner())
             .map_err(|e| status(bad_request(&caller, "PreVote", e)))?;
         let resp = self.service.vote(caller, req, true).await.map_err(status)?;
@@ -171,7 +187,7 @@ where
         &self,
         req: Request<pb::AppendEntriesRequest>,
     ) -> Result<Response<pb::AppendEntriesResponse>, Status> {
-        let caller = caller(&req);
+        let caller = self.caller(&req)?;
         let req = convert::append_request_from_pb::<C>(req.into_inner())
             .map_err(|e| status(bad_request(&caller, "AppendEntries", e)))?;
         let resp = self.service.append(caller, req).await.map_err(status)?;
@@ -184,7 +200,7 @@ where
         &self,
         req: Request<Streaming<pb::AppendEntriesRequest>>,
     ) -> Result<Response<Self::StreamAppendStream>, Status> {
-        let caller = caller(&req);
+        let caller = self.caller(&req)?;
         let input = req.into_inner().enumerate().map(move |(i, item)| match item {
             // The core logs the refusals of its input.
             Ok(msg) => convert::append_request_from_pb::<C>(msg).map_err(|e| {
@@ -218,7 +234,7 @@ where
     ) -> Result<Response<pb::SnapshotResponse>, Status> {
         use pb::snapshot_chunk::Kind;
         let rpc = "InstallSnapshot";
-        let caller = caller(&req);
+        let caller = self.caller(&req)?;
         let mut chunks = req.into_inner();
         let header = match chunks.message().await? {
             Some(pb::SnapshotChunk {
@@ -279,7 +295,7 @@ where
         &self,
         req: Request<pb::TransferLeaderRequest>,
     ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
-        let caller = caller(&req);
+        let caller = self.caller(&req)?;
         let req = convert::transfer_request_from_pb::<C>(req.into_inner())
             .map_err(|e| status(bad_request(&caller, "TransferLeader", e)))?;
         let resp = self.service.transfer_leader(caller, req).await.map_err(status)?;

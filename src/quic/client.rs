@@ -27,6 +27,7 @@ use crate::error::TransportError;
 use crate::error::error_chain;
 use crate::error::handshake_refusal;
 use crate::framed;
+use crate::framed::Framing;
 use crate::framed::client::failed;
 use crate::link;
 use crate::link::Link;
@@ -56,6 +57,8 @@ struct Shared {
     tuning: QuicTuning,
     connect_timeout: Duration,
     max_len: usize,
+    framing: Framing,
+    alpn: &'static [u8],
     /// IPv4 and IPv6 endpoints, made on first use.
     endpoints: Mutex<[Option<quinn::Endpoint>; 2]>,
 }
@@ -68,6 +71,8 @@ impl Connector {
                 tuning: config.quic.clone(),
                 connect_timeout: config.connect_timeout,
                 max_len: super::max_frame(config),
+                framing: Framing::of(config),
+                alpn: super::alpn(config),
                 endpoints: Mutex::new([None, None]),
             }),
         }
@@ -126,7 +131,7 @@ impl Lane {
         let client_config = match &shared.tls {
             None => Err("QUIC needs a TLS identity".to_string()),
             Some(t) => t
-                .client_config(target, super::ALPN)
+                .client_config(target, shared.alpn)
                 .map_err(|e| format!("TLS setup failed: {e}"))
                 .and_then(|c| {
                     quinn::crypto::rustls::QuicClientConfig::try_from(c)
@@ -194,10 +199,8 @@ impl Lane {
         let (send, recv) = conn.open_bi().await.map_err(|e| failed(&self.addr, rpc, e))?;
         let _ = send.set_priority(priority);
         let (sent, received) = self.stats.byte_counters();
-        Ok((
-            Outgoing::new(send).counted(sent),
-            FrameReader::new(recv, self.shared.max_len).counted(received),
-        ))
+        let (send, recv) = self.shared.framing.open(send, recv, self.shared.max_len);
+        Ok((send.counted(sent), recv.counted(received)))
     }
 }
 

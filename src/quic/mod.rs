@@ -26,6 +26,14 @@ use crate::config::QuicTuning;
 /// raftwire's ALPN protocol id on QUIC.
 pub(crate) const ALPN: &[u8] = b"raftwire/1";
 
+/// The ALPN protocol id on QUIC where large frames travel compressed (zstd).
+pub(crate) const ALPN_ZSTD: &[u8] = b"raftwire/1+zstd";
+
+/// The one ALPN protocol id `config` speaks on QUIC, client and server alike.
+fn alpn(config: &Config) -> &'static [u8] {
+    crate::framed::Framing::of(config).alpn(ALPN, ALPN_ZSTD)
+}
+
 /// The transport parameters both sides use.
 fn transport_config(t: &QuicTuning) -> quinn::TransportConfig {
     let mut tc = quinn::TransportConfig::default();

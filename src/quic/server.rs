@@ -14,6 +14,7 @@ use super::Outgoing;
 use crate::codec::ErrorCode;
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::framed::Framing;
 use crate::framed::server::Served;
 use crate::framed::server::exchange;
 use crate::limits::Admission;
@@ -30,6 +31,7 @@ struct Ctx<C: RaftWireConfig, SM: RaftStateMachine<C>> {
     service: Arc<Service<C, SM>>,
     max_len: usize,
     max_control: usize,
+    framing: Framing,
     admission: Arc<Admission>,
     handshake_timeout: Duration,
 }
@@ -52,7 +54,9 @@ where
         .tls
         .as_ref()
         .ok_or_else(|| serve_err(&"QUIC needs a TLS identity"))?;
-    let crypto = tls.server_config(super::ALPN).map_err(|e| serve_err(&e))?;
+    let crypto = tls
+        .server_config(super::alpn(&config))
+        .map_err(|e| serve_err(&e))?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto).map_err(|e| serve_err(&e))?;
     let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = super::transport_config(&config.quic);
@@ -73,6 +77,7 @@ where
         service,
         max_len: super::max_frame(&config),
         max_control: config.max_control_message_size,
+        framing: Framing::of(&config),
         admission: Admission::new(&config),
         handshake_timeout: config.connect_timeout,
     });
@@ -165,9 +170,10 @@ async fn connection<C, SM>(
             _ = shutdown.wait_for(|stop| *stop) => break,
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {
+                    let (send, recv) = ctx.framing.open(send, recv, ctx.max_len);
                     streams.spawn(stream(
-                        Outgoing::new(send),
-                        FrameReader::new(recv, ctx.max_len).with_control_limit(ctx.max_control),
+                        send,
+                        recv.with_control_limit(ctx.max_control),
                         ctx.clone(),
                         caller,
                     ));

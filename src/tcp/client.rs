@@ -30,6 +30,7 @@ use crate::error::error_chain;
 use crate::error::handshake_refusal;
 use crate::framed;
 use crate::framed::FrameReader;
+use crate::framed::Framing;
 use crate::framed::Outgoing;
 use crate::link;
 use crate::link::Link;
@@ -48,6 +49,8 @@ pub(crate) struct Connector {
     tls: Option<crate::tls::TlsConfig>,
     connect_timeout: Duration,
     max_len: usize,
+    framing: Framing,
+    alpn: &'static [u8],
     /// Idle connections older than this are closed instead of reused (the server closes
     /// them after `idle_peer_timeout`; half of it leaves room for clocks and delays).
     idle_reuse: Duration,
@@ -61,6 +64,8 @@ impl Connector {
             tls: config.tls.clone(),
             connect_timeout: config.connect_timeout,
             max_len: super::max_frame(config),
+            framing: Framing::of(config),
+            alpn: super::alpn(config),
             idle_reuse: config.idle_peer_timeout / 2,
             max_idle: config.max_idle_connections,
         }
@@ -91,6 +96,7 @@ pub(crate) struct Lane {
     /// Connections whose last exchange ended cleanly, with when it ended.
     idle: Arc<Mutex<Vec<(Conn, Instant)>>>,
     max_len: usize,
+    framing: Framing,
     idle_reuse: Duration,
     max_idle: usize,
     stats: Stats,
@@ -102,7 +108,7 @@ impl Lane {
         let client_config = match &connector.tls {
             None => Err("the TCP transport needs a TLS identity".to_string()),
             Some(t) => t
-                .client_config(target, super::ALPN)
+                .client_config(target, connector.alpn)
                 .map(Arc::new)
                 .map_err(|e| format!("TLS setup failed: {e}")),
         };
@@ -113,6 +119,7 @@ impl Lane {
             dialer: Dialer::new(addr, connector.connect_timeout, stats.clone()),
             idle: Arc::default(),
             max_len: connector.max_len,
+            framing: connector.framing,
             idle_reuse: connector.idle_reuse,
             max_idle: connector.max_idle,
             stats,
@@ -182,7 +189,7 @@ impl Lane {
     async fn open(&self) -> Result<(Outgoing<TcpSend<Conn>>, FrameReader<TcpRecv<Conn>>), TransportError> {
         let conn = self.checkout().await?;
         let (idle, max_idle) = (self.idle.clone(), self.max_idle);
-        let (send, reader) = super::exchange(conn, self.max_len, move |conn| {
+        let (send, reader) = super::exchange(conn, (self.framing, self.max_len), move |conn| {
             let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < max_idle {
                 idle.push((conn, Instant::now()));

@@ -34,12 +34,21 @@ use crate::codec;
 use crate::codec::ErrorCode;
 use crate::config::Config;
 use crate::framed::FrameReader;
+use crate::framed::Framing;
 use crate::framed::Outgoing;
 use crate::framed::RecvHalf;
 use crate::framed::SendHalf;
 
 /// raftwire's ALPN protocol id on TCP (gRPC on the same port asks for `h2`).
 pub(crate) const ALPN: &[u8] = b"raftwire-tcp/1";
+
+/// The ALPN protocol id on TCP where large frames travel compressed (zstd).
+pub(crate) const ALPN_ZSTD: &[u8] = b"raftwire-tcp/1+zstd";
+
+/// The one ALPN protocol id `config` speaks on TCP, client and server alike.
+pub(crate) fn alpn(config: &Config) -> &'static [u8] {
+    Framing::of(config).alpn(ALPN, ALPN_ZSTD)
+}
 
 /// A byte stream a TLS connection gives: client or server side.
 pub(crate) trait Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -239,9 +248,9 @@ fn max_frame(config: &Config) -> usize {
 /// Opens an exchange on `stream`: frames out, frames in.
 fn exchange<S: Stream>(
     stream: S,
-    max_len: usize,
+    (framing, max_len): (Framing, usize),
     home: impl FnOnce(S) + Send + 'static,
 ) -> (Outgoing<TcpSend<S>>, FrameReader<TcpRecv<S>>) {
     let (send, recv) = halves(stream, home);
-    (Outgoing::new(send), FrameReader::new(recv, max_len))
+    framing.open(send, recv, max_len)
 }

@@ -17,6 +17,7 @@ use crate::accept::ConnInfo;
 use crate::accept::TlsStream;
 use crate::config::Config;
 use crate::error::ServerError;
+use crate::framed::Framing;
 use crate::framed::server::Served;
 use crate::framed::server::exchange;
 use crate::service::Caller;
@@ -46,6 +47,7 @@ where
 {
     let max_len = super::max_frame(&config);
     let max_control = config.max_control_message_size;
+    let framing = Framing::of(&config);
     // A connection waiting for its next exchange longer than this is closed (clients reuse
     // theirs for half as long).
     let idle = config.idle_peer_timeout;
@@ -66,7 +68,7 @@ where
                     accepted,
                     (kill.clone(), live.clone()),
                     service.clone(),
-                    (max_len, max_control, idle),
+                    (max_len, max_control, idle, framing),
                     shutdown.clone(),
                 ));
             }
@@ -98,7 +100,7 @@ async fn connection<C, SM>(
     accepted: Accepted,
     (kill, live): (watch::Receiver<bool>, Arc<()>),
     service: Arc<Service<C, SM>>,
-    (max_len, max_control, idle): (usize, usize, Duration),
+    (max_len, max_control, idle, framing): (usize, usize, Duration, Framing),
     mut shutdown: watch::Receiver<bool>,
 ) where
     C: RaftWireConfig,
@@ -150,8 +152,8 @@ async fn connection<C, SM>(
             let _held = held;
             let _ = home.send(conn);
         });
-        let reader = crate::framed::FrameReader::new(recv, max_len).with_control_limit(max_control);
-        if !exchange(crate::framed::Outgoing::new(send), reader, &served, caller).await {
+        let (send, reader) = framing.open(send, recv, max_len);
+        if !exchange(send, reader.with_control_limit(max_control), &served, caller).await {
             // The connection closes with its halves, so the peer cannot take an unfinished
             // exchange for a whole one.
             return;

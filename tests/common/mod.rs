@@ -13,6 +13,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use futures::StreamExt;
 use raftwire::CertificateAuthority;
 use raftwire::Config;
 use raftwire::ConfigBuilder;
@@ -139,6 +141,41 @@ impl Cluster {
             n.stop().await.unwrap();
         }
     }
+}
+
+/// Writes `n` copies of `value` through `node` (keys `k000000`…), `concurrency` at a time.
+pub async fn write_many(node: &KvNode, n: u64, value: Bytes, concurrency: usize) {
+    let mut writes = futures::stream::iter(0..n)
+        .map(|i| node.write(format!("k{i:06}"), value.clone()))
+        .buffer_unordered(concurrency);
+    while let Some(r) = writes.next().await {
+        r.unwrap();
+    }
+}
+
+/// The last log index `node` applied.
+pub fn applied(node: &KvNode) -> u64 {
+    node.sm.last_applied().map_or(0, |l| l.index)
+}
+
+/// Writes `n` values of `size` bytes through node 1, then snapshots and purges the log of every
+/// node, so whichever node leads must send a snapshot to a newcomer.
+pub async fn snapshot_and_purge(c: &Cluster, n: u64, size: usize) -> u64 {
+    write_many(c.node(1), n, Bytes::from(vec![7u8; size]), 16).await;
+    let upto = applied(c.node(1));
+    for node in c.nodes.values() {
+        demo::await_applied(node, upto).await.unwrap();
+        node.raft.trigger().snapshot().await.unwrap();
+        let wait = node.raft.wait(Some(Duration::from_secs(10)));
+        wait.metrics(|m| m.snapshot.is_some_and(|s| s.index >= upto), "snapshot")
+            .await
+            .unwrap();
+        node.raft.trigger().purge_log(upto).await.unwrap();
+        wait.metrics(|m| m.purged.is_some_and(|p| p.index >= upto), "purge")
+            .await
+            .unwrap();
+    }
+    upto
 }
 
 /// Declares one `#[tokio::test]` per transport for each listed scenario `async fn(Transport)`.

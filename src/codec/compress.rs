@@ -1,0 +1,170 @@
+//! zstd compression of frame bodies (cargo feature `compression`).
+//!
+//! A compressed frame has [`FLAG_ZSTD`] set in its header and its length field counts the
+//! compressed body: one zstd frame that declares its decompressed size. Only the bulk kinds
+//! ([`compressible`]) may travel compressed, and only between peers that negotiated it
+//! (their ALPN protocol says so); a receiver that did not refuses the flag as reserved.
+
+use bytes::Bytes;
+use zstd::zstd_safe;
+use zstd::zstd_safe::CCtx;
+use zstd::zstd_safe::CParameter;
+use zstd::zstd_safe::DCtx;
+use zstd::zstd_safe::InBuffer;
+use zstd::zstd_safe::OutBuffer;
+use zstd::zstd_safe::zstd_sys::ZSTD_EndDirective;
+
+use super::FrameError;
+use super::HEADER_LEN;
+use super::Header;
+use super::Kind;
+use crate::config::Compression;
+use crate::error::DecodeError;
+
+/// Header flag: the body is one zstd frame.
+pub(crate) const FLAG_ZSTD: u16 = 0x0001;
+
+/// Whether frames of this kind may travel compressed: append batches and snapshot data.
+pub(crate) fn compressible(kind: Kind) -> bool {
+    matches!(kind, Kind::Append | Kind::StreamAppend | Kind::SnapshotChunk)
+}
+
+/// Compresses the large bulk frames one sender writes (its zstd context made on first use).
+pub(crate) struct Compressor {
+    level: i32,
+    min_size: usize,
+    cctx: Option<CCtx<'static>>,
+}
+
+impl Compressor {
+    /// `None` when `setting` compresses nothing.
+    pub(crate) fn new(setting: Compression) -> Option<Self> {
+        match setting {
+            Compression::Off => None,
+            Compression::Zstd { level, min_size } => Some(Compressor {
+                level,
+                min_size,
+                cctx: None,
+            }),
+        }
+    }
+
+    /// Replaces the frame that `out[start..]` holds (its header first, `size` bytes in all)
+    /// with its compressed form, when its kind is [`compressible`], its body has at least
+    /// `min_size` bytes and compressing makes it smaller. Returns the frame's size as sent.
+    pub(crate) fn frame(
+        &mut self,
+        out: &mut Vec<Bytes>,
+        start: usize,
+        size: usize,
+    ) -> Result<usize, FrameError> {
+        let body_len = size - HEADER_LEN;
+        let Some(first) = out.get(start) else {
+            return Ok(size);
+        };
+        let header = match Header::parse(first, usize::MAX, 0) {
+            Ok(Some(h)) if body_len >= self.min_size && compressible(h.kind) => h,
+            _ => return Ok(size),
+        };
+        let compressed = self
+            .compress(&out[start..], body_len)
+            .map_err(|code| FrameError::Compression {
+                kind: header.kind,
+                reason: format!("zstd compression failed: {}", zstd_safe::get_error_name(code)),
+            })?;
+        let Some(mut frame) = compressed else {
+            return Ok(size);
+        };
+        let len = frame.len() - HEADER_LEN;
+        let header = Header {
+            flags: FLAG_ZSTD,
+            len: len as u32,
+            ..header
+        };
+        frame[..HEADER_LEN].copy_from_slice(&header.to_bytes());
+        out.truncate(start);
+        out.push(Bytes::from(frame));
+        Ok(HEADER_LEN + len)
+    }
+
+    /// The frame's body (the chunks after the header) compressed behind an 18-byte gap for
+    /// the header; `None` when that is no smaller.
+    fn compress(&mut self, chunks: &[Bytes], body_len: usize) -> Result<Option<Vec<u8>>, usize> {
+        let level = self.level;
+        let cctx = match &mut self.cctx {
+            Some(c) => c,
+            none => {
+                let mut c = CCtx::create();
+                c.set_parameter(CParameter::CompressionLevel(level))?;
+                none.insert(c)
+            }
+        };
+        // A context left mid-frame by an earlier failure starts over.
+        cctx.reset(zstd_safe::ResetDirective::SessionOnly)?;
+        cctx.set_pledged_src_size(Some(body_len as u64))?;
+        let mut dst = vec![0u8; HEADER_LEN];
+        dst.reserve(zstd_safe::compress_bound(body_len));
+        let mut output = OutBuffer::around_pos(&mut dst, HEADER_LEN);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let src = if i == 0 { &chunk[HEADER_LEN..] } else { &chunk[..] };
+            let mut input = InBuffer::around(src);
+            while input.pos() < src.len() {
+                cctx.compress_stream2(&mut output, &mut input, ZSTD_EndDirective::ZSTD_e_continue)?;
+            }
+        }
+        let mut empty = InBuffer::around(&[]);
+        while cctx.compress_stream2(&mut output, &mut empty, ZSTD_EndDirective::ZSTD_e_end)? != 0 {}
+        let written = output.pos();
+        Ok((written - HEADER_LEN < body_len).then(|| {
+            dst.truncate(written);
+            dst
+        }))
+    }
+}
+
+/// Decompresses the compressed frames one receiver reads (its zstd context made on first
+/// use).
+#[derive(Default)]
+pub(crate) struct Decompressor {
+    dctx: Option<DCtx<'static>>,
+}
+
+impl std::fmt::Debug for Decompressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Decompressor").finish_non_exhaustive()
+    }
+}
+
+impl Decompressor {
+    /// The body of a frame with [`FLAG_ZSTD`] set, decompressed. The zstd frame must declare
+    /// its size, and that size may not exceed `max_len`: no more than that is ever reserved.
+    pub(crate) fn body(&mut self, kind: Kind, body: &[u8], max_len: usize) -> Result<Bytes, FrameError> {
+        let bad = |reason: String| FrameError::Body {
+            kind,
+            source: DecodeError::invalid("body", reason),
+        };
+        if !compressible(kind) {
+            return Err(bad(format!("{kind:?} frames are never compressed")));
+        }
+        let declared = match zstd_safe::get_frame_content_size(body) {
+            Ok(Some(n)) => n,
+            Ok(None) => return Err(bad("compressed body does not declare its size".into())),
+            Err(_) => return Err(bad("compressed body is not a zstd frame".into())),
+        };
+        if declared > max_len as u64 {
+            return Err(FrameError::TooLarge {
+                len: declared,
+                max: max_len,
+            });
+        }
+        let mut out = Vec::with_capacity(declared as usize);
+        let dctx = self.dctx.get_or_insert_with(DCtx::create);
+        let n = dctx
+            .decompress(&mut out, body)
+            .map_err(|code| bad(format!("zstd: {}", zstd_safe::get_error_name(code))))?;
+        if n as u64 != declared {
+            return Err(bad(format!("declared {declared} decompressed bytes, got {n}")));
+        }
+        Ok(Bytes::from(out))
+    }
+}
