@@ -122,9 +122,23 @@ impl From<NodeError> for BenchError {
     }
 }
 
+mod veth;
+
+pub use veth::Far;
+pub use veth::VETH_MTU;
+pub use veth::Veth;
+
 /// The node id the benchmark's own "leader" identity uses.
 const BENCH_LEADER: u64 = 100;
 const LOOPBACK: ([u8; 4], u16) = ([127, 0, 0, 1], 0);
+
+/// Where a receiving end listens: loopback, or the far side's address (any port).
+fn listen_addr(far: Option<&Far>) -> SocketAddr {
+    match far {
+        Some(far) => SocketAddr::new(far.addr(), 0),
+        None => LOOPBACK.into(),
+    }
+}
 
 /// Certificates for every node of a benchmark.
 struct Pki {
@@ -139,7 +153,7 @@ impl Pki {
     }
 
     fn config(&self, id: u64, transport: Transport, window: usize) -> Result<Config, BenchError> {
-        self.tuned(id, transport, window, crate::QuicTuning::default())
+        self.tuned(id, transport, window, &AppendOptions::default())
     }
 
     fn tuned(
@@ -147,20 +161,21 @@ impl Pki {
         id: u64,
         transport: Transport,
         window: usize,
-        quic: crate::QuicTuning,
+        options: &AppendOptions,
     ) -> Result<Config, BenchError> {
         let tls = self
             .ca
             .tls_config(id)
             .map_err(|e| bench_err("certificates")(e.to_string()))?;
-        Config::builder()
+        let builder = Config::builder()
             .transport(transport)
-            .quic(quic)
+            .quic(options.quic.clone())
             .tls(tls)
             .max_in_flight_requests(window)
-            .max_in_flight_bytes(usize::MAX / 2)
-            .build()
-            .map_err(|e| bench_err("config")(e.to_string()))
+            .max_in_flight_bytes(usize::MAX / 2);
+        #[cfg(feature = "compression")]
+        let builder = builder.compression(options.compression);
+        builder.build().map_err(|e| bench_err("config")(e.to_string()))
     }
 }
 
@@ -197,6 +212,76 @@ pub fn entries_per_request(size: usize) -> usize {
 // ---------------------------------------------------------------------------------------------
 // Pipelined AppendEntries to one follower
 
+/// What an entry's value holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Payload {
+    /// One byte repeated (the default: what every other figure uses).
+    #[default]
+    Constant,
+    /// JSON records, like an application's documents: compresses several-fold.
+    Json,
+    /// Pseudo-random bytes: incompressible.
+    Random,
+}
+
+impl Payload {
+    /// `n` values of `size` bytes of this kind, each different (but `Constant`'s): a batch
+    /// of identical entries would let a compressor find every entry in the one before it.
+    pub fn values(self, size: usize, n: usize) -> Vec<Bytes> {
+        match self {
+            Payload::Constant => vec![Bytes::from(vec![0x5a; size]); n],
+            Payload::Json => (0..n as u64).map(|k| json_records(size, k * 1_000_003)).collect(),
+            Payload::Random => (0..n as u64).map(|k| random_bytes(size, k)).collect(),
+        }
+    }
+}
+
+/// `size` bytes of JSON records numbered from `first`.
+fn json_records(size: usize, first: u64) -> Bytes {
+    let mut out = String::with_capacity(size + 160);
+    let mut id = first;
+    while out.len() < size {
+        id += 1;
+        let user = id.wrapping_mul(7919) % 100_003;
+        out.push_str(&format!(
+            "{{\"id\":{id},\"user\":\"user-{user}\",\"email\":\"user-{user}@example.com\",\
+             \"active\":{},\"score\":{},\"tags\":[\"raft\",\"wire\"]}},",
+            id.is_multiple_of(3),
+            id.wrapping_mul(31) % 1000
+        ));
+    }
+    out.truncate(size);
+    Bytes::from(out)
+}
+
+/// `size` pseudo-random bytes (xorshift64, seeded by `seed`).
+fn random_bytes(size: usize, seed: u64) -> Bytes {
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ seed.wrapping_mul(0x2545_f491_4f6c_dd1d);
+    (0..size)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+/// How an [`AppendBench`] differs from the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct AppendOptions {
+    /// QUIC tuning on both ends.
+    pub quic: crate::QuicTuning,
+    /// Compression on both ends.
+    #[cfg(feature = "compression")]
+    pub compression: crate::Compression,
+    /// What the entries carry.
+    pub payload: Payload,
+    /// Where the follower runs: across a veth link ([`Veth`]), or (`None`) on loopback.
+    pub far: Option<Far>,
+}
+
 enum AppendTarget {
     Net(Box<Network<KvConfig, KvSnapshotData>>),
     InProcess(InProcessNetwork),
@@ -209,7 +294,8 @@ pub struct AppendBench {
     target: AppendTarget,
     follower: Option<KvNode>,
     _raw: Option<RawTlsServer>,
-    value: Bytes,
+    /// One value per entry of a request (all the same for [`Payload::Constant`]).
+    values: Vec<Bytes>,
     per_request: usize,
     next_index: u64,
 }
@@ -221,47 +307,55 @@ impl AppendBench {
         entry_size: usize,
         window: usize,
     ) -> Result<AppendBench, BenchError> {
-        Self::start_tuned(subject, entry_size, window, crate::QuicTuning::default()).await
+        Self::start_with(subject, entry_size, window, AppendOptions::default()).await
     }
 
-    /// Like [`AppendBench::start`], with QUIC tuning other than the defaults on both ends.
-    pub async fn start_tuned(
+    /// Like [`AppendBench::start`], with `options` on both ends.
+    pub async fn start_with(
         subject: Subject,
         entry_size: usize,
         window: usize,
-        tuning: crate::QuicTuning,
+        options: AppendOptions,
     ) -> Result<AppendBench, BenchError> {
         let pki = Pki::new()?;
         let per_request = entries_per_request(entry_size);
-        let value = Bytes::from(vec![0x5a; entry_size]);
+        let values = options.payload.values(entry_size, per_request);
         let mut bench = AppendBench {
             target: AppendTarget::Raw(RawTlsClient::placeholder()),
             follower: None,
             _raw: None,
-            value,
+            values,
             per_request,
-            next_index: 1,
+            next_index: 0,
         };
         match subject {
             Subject::Transport(transport) => {
-                let config = pki.tuned(1, transport, window, tuning.clone())?;
+                let config = pki.tuned(1, transport, window, &options)?;
                 let log = LogStore::bounded_for_benchmarks(4 * per_request * window.max(1));
-                let follower = KvNode::start_with_stores(
+                let start = KvNode::start_with_stores(
                     1,
                     raft_config(None)?,
                     config,
-                    LOOPBACK.into(),
+                    listen_addr(options.far.as_ref()),
                     log,
                     StateMachine::default(),
-                )
-                .await?;
-                let leader_config = pki.tuned(BENCH_LEADER, transport, window, tuning)?;
+                );
+                let follower = match &options.far {
+                    Some(far) => far.run(start).await??,
+                    None => start.await?,
+                };
+                let leader_config = pki.tuned(BENCH_LEADER, transport, window, &options)?;
                 let mut factory =
                     NetworkFactory::<KvConfig, KvSnapshotData>::new(BENCH_LEADER, leader_config)
                         .map_err(|e| bench_err("network")(e.to_string()))?;
                 let client = factory.new_client(1, &follower.node()).await;
                 bench.target = AppendTarget::Net(Box::new(client));
                 bench.follower = Some(follower);
+            }
+            Subject::InProcess if options.far.is_some() => {
+                return Err(bench_err("append")(
+                    "the in-process network has no link to cross".into(),
+                ));
             }
             Subject::InProcess => {
                 let log = LogStore::bounded_for_benchmarks(4 * per_request * window.max(1));
@@ -279,7 +373,7 @@ impl AppendBench {
                 bench.target = AppendTarget::InProcess(router.network(BENCH_LEADER, 1, window));
             }
             Subject::RawTls => {
-                let server = RawTlsServer::start(&pki).await?;
+                let server = RawTlsServer::start_on(&pki, options.far.as_ref()).await?;
                 let client = RawTlsClient::connect(&pki, server.addr, window).await?;
                 bench.target = AppendTarget::Raw(client);
                 bench._raw = Some(server);
@@ -292,7 +386,7 @@ impl AppendBench {
 
     /// Application bytes carried by one request.
     pub fn bytes_per_request(&self) -> u64 {
-        (self.per_request * self.value.len()) as u64
+        self.values.iter().map(|v| v.len() as u64).sum()
     }
 
     fn request(&mut self) -> AppendEntriesRequest<KvConfig> {
@@ -300,7 +394,7 @@ impl AppendBench {
             term: 1,
             node_id: BENCH_LEADER,
         };
-        let prev = (self.next_index > 1).then(|| openraft::LogId {
+        let prev = (self.next_index > 0).then(|| openraft::LogId {
             leader_id: leader,
             index: self.next_index - 1,
         });
@@ -312,7 +406,7 @@ impl AppendBench {
                 },
                 payload: EntryPayload::Normal(KvRequest::Set {
                     key: "k".into(),
-                    value: self.value.clone(),
+                    value: self.values[i as usize].clone(),
                 }),
             })
             .collect();
@@ -332,7 +426,7 @@ impl AppendBench {
     /// returned time covers only that.
     pub async fn run(&mut self, requests: usize) -> Result<Duration, BenchError> {
         if let AppendTarget::Raw(client) = &mut self.target {
-            let bytes = self.per_request * (self.value.len() + 40);
+            let bytes = self.values.iter().map(|v| v.len() + 40).sum::<usize>();
             return client.pipelined(requests, bytes).await;
         }
         let reqs: Vec<_> = (0..requests).map(|_| self.request()).collect();
@@ -372,15 +466,50 @@ impl AppendBench {
     }
 }
 
+/// One heartbeat over `net`: an empty one-request replication session, read to its end as
+/// openraft does.
+async fn heartbeat_on<N: RaftNetworkV2<KvConfig>>(net: &mut N, term: u64) -> Result<Duration, BenchError> {
+    let leader = WireLeaderId {
+        term,
+        node_id: BENCH_LEADER,
+    };
+    let req = AppendEntriesRequest::<KvConfig> {
+        vote: openraft::impls::Vote {
+            leader_id: leader,
+            committed: true,
+        },
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    };
+    let started = Instant::now();
+    let mut replies = net
+        .stream_append(futures::stream::iter([req]), option())
+        .await
+        .map_err(|e| bench_err("heartbeat")(e.to_string()))?;
+    match replies.next().await {
+        Some(Ok(_)) => {}
+        other => return Err(bench_err("heartbeat")(format!("{other:?}"))),
+    }
+    if let Some(extra) = replies.next().await {
+        return Err(bench_err("heartbeat")(format!("an extra reply: {extra:?}")));
+    }
+    drop(replies);
+    Ok(started.elapsed())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Round trips
 
 /// One vote or one heartbeat (an empty one-request replication session on the heartbeat
-/// client, as openraft sends it) to a follower; or a small raw TLS ping-pong.
+/// client, as openraft sends it) to a follower: over a transport, or over the in-process
+/// network (openraft's and raftwire's pipeline share of a round trip, no network); or a small
+/// raw TLS ping-pong.
 pub struct RpcBench {
     follower: Option<KvNode>,
     client: Option<Network<KvConfig, KvSnapshotData>>,
     heartbeat: Option<Network<KvConfig, KvSnapshotData>>,
+    in_process: Option<(KvRaft, InProcessNetwork)>,
     raw: Option<(RawTlsServer, RawTlsClient)>,
     term: u64,
 }
@@ -393,6 +522,7 @@ impl RpcBench {
             follower: None,
             client: None,
             heartbeat: None,
+            in_process: None,
             raw: None,
             term: 1,
         };
@@ -415,7 +545,18 @@ impl RpcBench {
                 bench.raw = Some((server, client));
             }
             Subject::InProcess => {
-                return Err(bench_err("rpc")("no in-process round trip is measured".into()));
+                let router = InProcessRouter::default();
+                let raft = openraft::Raft::new(
+                    1,
+                    raft_config(None)?,
+                    router.factory(1, 64),
+                    LogStore::default(),
+                    StateMachine::default(),
+                )
+                .await
+                .map_err(|e| bench_err("start in-process follower")(e.to_string()))?;
+                router.add(1, raft.clone());
+                bench.in_process = Some((raft, router.network(BENCH_LEADER, 1, 64)));
             }
         }
         for _ in 0..20 {
@@ -427,65 +568,36 @@ impl RpcBench {
 
     /// One vote round trip.
     pub async fn vote(&mut self) -> Result<Duration, BenchError> {
-        if let Some((_, raw)) = &mut self.raw {
-            return raw.ping(48).await;
-        }
-        let client = self
-            .client
-            .as_mut()
-            .ok_or_else(|| bench_err("vote")("no client".into()))?;
         let req = VoteRequest::new(openraft::impls::Vote::new(self.term, BENCH_LEADER), None);
         let started = Instant::now();
-        client
-            .vote(req, option())
-            .await
-            .map_err(|e| bench_err("vote")(e.to_string()))?;
+        let voted = match (&mut self.raw, &mut self.in_process, &mut self.client) {
+            (Some((_, raw)), _, _) => return raw.ping(48).await,
+            (_, Some((_, net)), _) => net.vote(req, option()).await.map(drop),
+            (_, _, Some(client)) => client.vote(req, option()).await.map(drop),
+            _ => return Err(bench_err("vote")("no client".into())),
+        };
+        voted.map_err(|e| bench_err("vote")(e.to_string()))?;
         Ok(started.elapsed())
     }
 
     /// One heartbeat round trip.
     pub async fn heartbeat(&mut self) -> Result<Duration, BenchError> {
-        if let Some((_, raw)) = &mut self.raw {
-            return raw.ping(48).await;
+        let term = self.term;
+        match (&mut self.raw, &mut self.in_process, &mut self.heartbeat) {
+            (Some((_, raw)), _, _) => raw.ping(48).await,
+            (_, Some((_, net)), _) => heartbeat_on(net, term).await,
+            (_, _, Some(client)) => heartbeat_on(client, term).await,
+            _ => Err(bench_err("heartbeat")("no client".into())),
         }
-        let client = self
-            .heartbeat
-            .as_mut()
-            .ok_or_else(|| bench_err("heartbeat")("no client".into()))?;
-        let leader = WireLeaderId {
-            term: self.term,
-            node_id: BENCH_LEADER,
-        };
-        let req = AppendEntriesRequest::<KvConfig> {
-            vote: openraft::impls::Vote {
-                leader_id: leader,
-                committed: true,
-            },
-            prev_log_id: None,
-            entries: Vec::new(),
-            leader_commit: None,
-        };
-        let started = Instant::now();
-        let mut replies = client
-            .stream_append(futures::stream::iter([req]), option())
-            .await
-            .map_err(|e| bench_err("heartbeat")(e.to_string()))?;
-        match replies.next().await {
-            Some(Ok(_)) => {}
-            other => return Err(bench_err("heartbeat")(format!("{other:?}"))),
-        }
-        // As openraft does: poll to the end so the call closes cleanly.
-        if let Some(extra) = replies.next().await {
-            return Err(bench_err("heartbeat")(format!("an extra reply: {extra:?}")));
-        }
-        drop(replies);
-        Ok(started.elapsed())
     }
 
     /// Stops the follower.
     pub async fn stop(mut self) {
         if let Some(mut f) = self.follower.take() {
             let _ = f.stop().await;
+        }
+        if let Some((raft, _)) = self.in_process.take() {
+            let _ = raft.shutdown().await;
         }
     }
 }
@@ -925,6 +1037,11 @@ const RAW_ALPN: &[u8] = b"raftwire-bench-raw";
 
 impl RawTlsServer {
     async fn start(pki: &Pki) -> Result<RawTlsServer, BenchError> {
+        Self::start_on(pki, None).await
+    }
+
+    /// Starts the server on loopback, or on the far side of a veth link.
+    async fn start_on(pki: &Pki, far: Option<&Far>) -> Result<RawTlsServer, BenchError> {
         let tls = pki
             .ca
             .tls_config(1)
@@ -932,8 +1049,16 @@ impl RawTlsServer {
         let config = tls
             .server_config(RAW_ALPN)
             .map_err(|e| bench_err("raw TLS")(e.to_string()))?;
+        let addr = listen_addr(far);
+        match far {
+            Some(far) => far.run(Self::serve(config, addr)).await?,
+            None => Self::serve(config, addr).await,
+        }
+    }
+
+    async fn serve(config: rustls::ServerConfig, addr: SocketAddr) -> Result<RawTlsServer, BenchError> {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let listener = tokio::net::TcpListener::bind(SocketAddr::from(LOOPBACK))
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| bench_err("raw TLS")(e.to_string()))?;
         let addr = listener
@@ -1066,6 +1191,9 @@ pub struct QuickTransport {
     pub heartbeat_p99_us: f64,
     /// Median heartbeat as a multiple of the raw TLS ping-pong median.
     pub heartbeat_p50_vs_raw: f64,
+    /// The transport's share of the median heartbeat: it less the in-process network's
+    /// median (openraft's and the pipeline's share), µs.
+    pub heartbeat_p50_transport_us: f64,
 }
 
 /// What `raftwire bench --quick` measured.
@@ -1087,6 +1215,8 @@ pub struct QuickReport {
     pub in_process_write_cpu_us: f64,
     /// In-process append throughput (16 KiB entries, window 64), bytes/s.
     pub in_process_bytes_per_sec: f64,
+    /// In-process heartbeat round trip, median µs: openraft's share of every transport's.
+    pub in_process_heartbeat_p50_us: f64,
 }
 
 /// CPU time (user + system) this process has used so far: every thread, so a benchmark's
@@ -1156,6 +1286,7 @@ pub async fn quick(mut progress: impl FnMut(&str)) -> Result<QuickReport, BenchE
     progress("in-process baseline");
     let (in_process_rate, _) = append_rate(Subject::InProcess, requests, rounds).await?;
     let (in_process_writes, in_process_cpu) = write_rate(Subject::InProcess, writes).await?;
+    let (in_process_p50, _) = heartbeat_latency(Subject::InProcess, samples).await?;
     let mut transports = std::collections::BTreeMap::new();
     for subject in Subject::transports() {
         progress(subject.name());
@@ -1175,6 +1306,7 @@ pub async fn quick(mut progress: impl FnMut(&str)) -> Result<QuickReport, BenchE
                 heartbeat_p50_us: p50,
                 heartbeat_p99_us: p99,
                 heartbeat_p50_vs_raw: p50 / raw_p50,
+                heartbeat_p50_transport_us: p50 - in_process_p50,
             },
         );
     }
@@ -1187,6 +1319,7 @@ pub async fn quick(mut progress: impl FnMut(&str)) -> Result<QuickReport, BenchE
         in_process_writes_per_sec: in_process_writes,
         in_process_write_cpu_us: in_process_cpu,
         in_process_bytes_per_sec: in_process_rate,
+        in_process_heartbeat_p50_us: in_process_p50,
     })
 }
 
@@ -1326,6 +1459,16 @@ pub struct SnapshotBench {
 impl SnapshotBench {
     /// Writes a `size`-byte snapshot file and starts the receiver.
     pub async fn start(subject: Subject, size: u64) -> Result<SnapshotBench, BenchError> {
+        Self::start_on(subject, size, None).await
+    }
+
+    /// Like [`SnapshotBench::start`], with the receiver's listener on the far side of a veth
+    /// link when `far` is set.
+    pub async fn start_on(
+        subject: Subject,
+        size: u64,
+        far: Option<Far>,
+    ) -> Result<SnapshotBench, BenchError> {
         let io = |e: std::io::Error| bench_err("snapshot file")(e.to_string());
         let dir = tempfile::tempdir().map_err(io)?;
         {
@@ -1357,10 +1500,13 @@ impl SnapshotBench {
                     let dir = recv_dir.clone();
                     async move { tempfile::tempfile_in(dir).map(tokio::fs::File::from_std) }
                 };
-                let server = crate::Server::builder_with_sink(receiver.clone(), config, sink)
-                    .bind(LOOPBACK.into())
-                    .await
-                    .map_err(|e| bench_err("start receiver")(e.to_string()))?;
+                let bind = crate::Server::builder_with_sink(receiver.clone(), config, sink)
+                    .bind(listen_addr(far.as_ref()));
+                let server = match &far {
+                    Some(far) => far.run(bind).await?,
+                    None => bind.await,
+                }
+                .map_err(|e| bench_err("start receiver")(e.to_string()))?;
                 let node = BasicNode {
                     addr: server.local_addr().to_string(),
                 };
@@ -1378,7 +1524,7 @@ impl SnapshotBench {
                 }
             }
             Subject::RawTls => {
-                let server = RawTlsServer::start(&pki).await?;
+                let server = RawTlsServer::start_on(&pki, far.as_ref()).await?;
                 let client = RawTlsClient::connect(&pki, server.addr, 64).await?;
                 SnapshotTarget::Raw {
                     _server: server,

@@ -18,6 +18,8 @@
 //! - **Mutual TLS** with node identity on every transport ([`TlsConfig`]); plaintext gRPC
 //!   only as an explicit, logged opt-in. Operator tools hold client identities
 //!   ([`ClientTls`]), which the Raft listeners refuse.
+//! - Optional **zstd compression** of append batches and snapshot chunks, agreed per cluster
+//!   (a peer whose setting differs is refused at connect).
 //! - **Metrics** through the [`metrics`](https://docs.rs/metrics) facade, per peer and
 //!   transport ([`METRICS`]): RPCs by kind and outcome, round trips, pipeline depth, bytes,
 //!   connects, snapshot bytes and durations. Install a recorder before making the factory;
@@ -30,6 +32,7 @@
 //! | `grpc` | yes | the gRPC transport ([`Transport::Grpc`]) and the protobuf types in `pb` |
 //! | `quic` | yes | the QUIC transport ([`Transport::Quic`]) and its tuning ([`QuicTuning`]) |
 //! | `tcp` | yes | the framed TLS-over-TCP transport (`Transport::Tcp`) |
+//! | `compression` | yes | optional zstd compression of large frames, set per cluster (`Compression`, off unless configured) |
 //! | `app` | yes | the application side: the `raftwire` binary, the demo store (`kv`, `demo`) and the benchmark harness (`bench`); off for a lean network layer |
 //!
 //! With gRPC compiled in, [`Transport::default`] is gRPC. A config may list several

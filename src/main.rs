@@ -216,7 +216,7 @@ fn bench_quick(runtime: &tokio::runtime::Runtime, json: bool) -> ExitCode {
         "1.00"
     );
     println!(
-        "{:<12} {:>13.1} {:>7} {:>9} {:>10.0} {:>9} {:>8.1} {:>10} {:>10} {:>7}",
+        "{:<12} {:>13.1} {:>7} {:>9} {:>10.0} {:>9} {:>8.1} {:>10.1} {:>10} {:>7}",
         "in-process",
         mib(report.in_process_bytes_per_sec),
         "-",
@@ -224,7 +224,7 @@ fn bench_quick(runtime: &tokio::runtime::Runtime, json: bool) -> ExitCode {
         report.in_process_writes_per_sec,
         "1.00",
         report.in_process_write_cpu_us,
-        "-",
+        report.in_process_heartbeat_p50_us,
         "-",
         "-"
     );

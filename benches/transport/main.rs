@@ -1,12 +1,16 @@
-//! `cargo bench`: gRPC and QUIC under pipelined replication, framed by two baselines (a raw
-//! mutual-TLS TCP stream of the same bytes, and openraft over in-process channels).
+//! `cargo bench`: gRPC, QUIC and TCP under pipelined replication, framed by two baselines (a
+//! raw mutual-TLS TCP stream of the same bytes, and openraft over in-process channels).
 //!
-//! Groups: `rpc` (vote and heartbeat round trips, raw ping-pong), `append` (pipelined
-//! AppendEntries to one follower by entry size and window), `replication` (client writes on a
-//! 3-node cluster by concurrency and entry size), `snapshot` (64 MiB and 1 GiB snapshots from a
-//! file to a file, with the heap's peak growth during one transfer). Setup happens outside the timed calls
-//! (`iter_custom`); every transport gets the same window. After criterion's own reports, the
-//! comparison SVGs are written to `target/criterion/raftwire/` (see BENCHMARKS.md).
+//! Groups: `rpc` (vote and heartbeat round trips, over each transport and the in-process
+//! network; raw ping-pong), `append` (pipelined AppendEntries to one follower by entry size and
+//! window), `replication` (client writes on a 3-node cluster by concurrency and entry size),
+//! `snapshot` (64 MiB and 1 GiB snapshots from a file to a file, with the heap's peak growth
+//! during one transfer), `veth-append` and `veth-snapshot` (the same across a veth link into a
+//! network namespace; root only), `quic-tuning`, `compression` (zstd on JSON and random
+//! payloads) and `metrics`. Setup happens outside the timed calls (`iter_custom`); every
+//! transport gets the same window. Each timed call also counts the process's CPU time
+//! (`raftwire-cpu.json`). After criterion's own reports, the comparison SVGs and
+//! `summary.json` are written to `target/criterion/raftwire/` (see BENCHMARKS.md).
 //!
 //! `RAFTWIRE_BENCH_QUICK=1 cargo bench` runs a reduced matrix.
 
@@ -16,6 +20,7 @@ use std::alloc::GlobalAlloc;
 use std::alloc::Layout;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicIsize;
 use std::sync::atomic::Ordering;
@@ -155,7 +160,10 @@ fn quick() -> bool {
 
 fn rpc(c: &mut Criterion, rt: &tokio::runtime::Runtime, latencies: &mut Latencies) {
     let mut group = c.benchmark_group("rpc");
-    for subject in Subject::transports() {
+    let mut subjects = Subject::transports();
+    // openraft's (and raftwire's pipeline) share of a round trip: the in-process network.
+    subjects.push(Subject::InProcess);
+    for subject in subjects {
         let name = subject.name();
         if !wanted(&format!("rpc/vote/{name}")) && !wanted(&format!("rpc/heartbeat/{name}")) {
             continue;
@@ -164,6 +172,7 @@ fn rpc(c: &mut Criterion, rt: &tokio::runtime::Runtime, latencies: &mut Latencie
         let mut votes = Vec::new();
         group.bench_function(BenchmarkId::new("vote", subject.name()), |b| {
             b.iter_custom(|iters| {
+                let _cpu = CpuCount::new(format!("rpc/vote/{name}"), iters);
                 rt.block_on(async {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
@@ -179,6 +188,7 @@ fn rpc(c: &mut Criterion, rt: &tokio::runtime::Runtime, latencies: &mut Latencie
         let mut beats = Vec::new();
         group.bench_function(BenchmarkId::new("heartbeat", subject.name()), |b| {
             b.iter_custom(|iters| {
+                let _cpu = CpuCount::new(format!("rpc/heartbeat/{name}"), iters);
                 rt.block_on(async {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
@@ -201,6 +211,7 @@ fn rpc(c: &mut Criterion, rt: &tokio::runtime::Runtime, latencies: &mut Latencie
     let mut pings = Vec::new();
     group.bench_function(BenchmarkId::new("ping-pong", "raw-tls"), |b| {
         b.iter_custom(|iters| {
+            let _cpu = CpuCount::new("rpc/ping-pong/raw-tls".into(), iters);
             rt.block_on(async {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
@@ -235,7 +246,7 @@ fn append(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
                 let bench = rt
                     .block_on(AppendBench::start(subject, size, window))
                     .expect("append setup");
-                let id = BenchmarkId::new(subject.name(), format!("{size}B-w{window}"));
+                let id = ("append", subject.name().to_string(), format!("{size}B-w{window}"));
                 measure_appends(&mut group, rt, bench, id);
             }
         }
@@ -243,17 +254,20 @@ fn append(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     group.finish();
 }
 
-/// Times about 8 MiB of pipelined appends per iteration, then stops the follower.
+/// Times about 8 MiB of pipelined appends per iteration, then stops the follower. `id` is
+/// (group, function, parameter).
 fn measure_appends(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     rt: &tokio::runtime::Runtime,
     mut bench: AppendBench,
-    id: BenchmarkId,
+    (group_name, function, parameter): (&str, String, String),
 ) {
     let requests = ((8usize << 20) / bench.bytes_per_request() as usize).max(8);
+    let key = format!("{group_name}/{function}/{parameter}");
     group.throughput(Throughput::Bytes(bench.bytes_per_request() * requests as u64));
-    group.bench_function(id, |b| {
+    group.bench_function(BenchmarkId::new(function, parameter), |b| {
         b.iter_custom(|iters| {
+            let _cpu = CpuCount::new(key.clone(), iters);
             rt.block_on(async {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
@@ -292,6 +306,7 @@ fn replication(c: &mut Criterion, rt: &tokio::runtime::Runtime, latencies: &mut 
                 group.throughput(Throughput::Elements(writes as u64));
                 group.bench_function(BenchmarkId::new(subject.name(), format!("{size}B-c{w}")), |b| {
                     b.iter_custom(|iters| {
+                        let _cpu = CpuCount::new(id(size, w), iters);
                         rt.block_on(async {
                             let mut total = Duration::ZERO;
                             for _ in 0..iters {
@@ -337,6 +352,7 @@ fn snapshot(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> BTreeMap<String,
             group.throughput(Throughput::Bytes(size));
             group.bench_function(BenchmarkId::new(subject.name(), label), |b| {
                 b.iter_custom(|iters| {
+                    let _cpu = CpuCount::new(format!("snapshot/{}/{label}", subject.name()), iters);
                     rt.block_on(async {
                         let mut total = Duration::ZERO;
                         for _ in 0..iters {
@@ -398,14 +414,141 @@ fn quic_tuning(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
             }
             let subject = Subject::Transport(Transport::Quic);
             let bench = rt
-                .block_on(AppendBench::start_tuned(subject, size, 64, tuning.clone()))
+                .block_on(AppendBench::start_with(
+                    subject,
+                    size,
+                    64,
+                    raftwire::bench::AppendOptions {
+                        quic: tuning.clone(),
+                        ..Default::default()
+                    },
+                ))
                 .expect("quic setup");
             measure_appends(
                 &mut group,
                 rt,
                 bench,
-                BenchmarkId::new(*name, format!("{size}B-w64")),
+                ("quic-tuning", name.to_string(), format!("{size}B-w64")),
             );
+        }
+    }
+    group.finish();
+}
+
+/// Pipelined appends and a snapshot to a follower across a veth link (MTU 1500) into a
+/// network namespace, where TCP gets segmentation offload and QUIC GSO as on a LAN. Needs
+/// root: skipped with a message otherwise.
+fn veth(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    use raftwire::bench::AppendOptions;
+    let sizes: &[usize] = if quick() {
+        &[16 << 10]
+    } else {
+        &[16 << 10, 256 << 10]
+    };
+    let mut subjects = Subject::transports();
+    subjects.push(Subject::RawTls);
+    let ids: Vec<String> = subjects
+        .iter()
+        .flat_map(|s| {
+            let mut ids: Vec<String> = sizes
+                .iter()
+                .map(|size| format!("veth-append/{}/{size}B-w64", s.name()))
+                .collect();
+            ids.push(format!("veth-snapshot/{}/64MiB", s.name()));
+            ids
+        })
+        .collect();
+    if !ids.iter().any(|id| wanted(id)) {
+        return;
+    }
+    let link = match raftwire::bench::Veth::create() {
+        Ok(link) => link,
+        Err(why) => {
+            eprintln!("!!! SKIPPING the veth benchmarks: {why} (they need root and network namespaces)");
+            return;
+        }
+    };
+    let mut group = c.benchmark_group("veth-append");
+    for &size in sizes {
+        for &subject in &subjects {
+            let parameter = format!("{size}B-w64");
+            if !wanted(&format!("veth-append/{}/{parameter}", subject.name())) {
+                continue;
+            }
+            let options = AppendOptions {
+                far: Some(link.far()),
+                ..Default::default()
+            };
+            let bench = rt
+                .block_on(AppendBench::start_with(subject, size, 64, options))
+                .expect("veth append setup");
+            measure_appends(
+                &mut group,
+                rt,
+                bench,
+                ("veth-append", subject.name().to_string(), parameter),
+            );
+        }
+    }
+    group.finish();
+    let mut group = c.benchmark_group("veth-snapshot");
+    group.sampling_mode(SamplingMode::Flat).sample_size(10);
+    for &subject in &subjects {
+        let key = format!("veth-snapshot/{}/64MiB", subject.name());
+        if !wanted(&key) {
+            continue;
+        }
+        let size = 64 << 20;
+        let mut bench = rt
+            .block_on(SnapshotBench::start_on(subject, size, Some(link.far())))
+            .expect("veth snapshot setup");
+        rt.block_on(bench.run()).expect("snapshot warm-up");
+        group.throughput(Throughput::Bytes(size));
+        group.bench_function(BenchmarkId::new(subject.name(), "64MiB"), |b| {
+            b.iter_custom(|iters| {
+                let _cpu = CpuCount::new(key.clone(), iters);
+                rt.block_on(async {
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        total += bench.run().await.expect("snapshot");
+                    }
+                    total
+                })
+            })
+        });
+        rt.block_on(bench.stop());
+    }
+    group.finish();
+    drop(link);
+}
+
+/// zstd compression against none, on pipelined 16 KiB appends of JSON records (compressible)
+/// and of random bytes (not), per transport. Throughput counts the uncompressed payload.
+#[cfg(feature = "compression")]
+fn compression(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
+    use raftwire::Compression;
+    use raftwire::bench::AppendOptions;
+    use raftwire::bench::Payload;
+    let size = 16 << 10;
+    let mut group = c.benchmark_group("compression");
+    for subject in Subject::transports() {
+        for (setting, compression) in [("off", Compression::Off), ("zstd", Compression::zstd())] {
+            for (payload_name, payload) in [("json", Payload::Json), ("random", Payload::Random)] {
+                let function = format!("{}-{setting}", subject.name());
+                let parameter = format!("{payload_name}-{size}B-w64");
+                if !wanted(&format!("compression/{function}/{parameter}")) {
+                    continue;
+                }
+                let options = AppendOptions {
+                    compression,
+                    payload,
+                    ..Default::default()
+                };
+                let bench = rt
+                    .block_on(AppendBench::start_with(subject, size, 64, options))
+                    .expect("append setup");
+                measure_appends(&mut group, rt, bench, ("compression", function, parameter));
+            }
         }
     }
     group.finish();
@@ -453,7 +596,8 @@ fn metrics_cost(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         let bench = rt
             .block_on(AppendBench::start(subject, size, 64))
             .expect("append setup");
-        let id = BenchmarkId::new(
+        let id = (
+            "metrics",
             format!("append-prometheus/{}", subject.name()),
             format!("{size}B-w64"),
         );
@@ -461,6 +605,69 @@ fn metrics_cost(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
         handle.run_upkeep();
     }
     group.finish();
+}
+
+/// Process CPU time (every thread: both ends of the connection, and the Raft nodes) spent in
+/// each benchmark's `iter_custom` calls, warm-up included, and the iterations they ran.
+static CPU: Mutex<BTreeMap<String, (Duration, u64)>> = Mutex::new(BTreeMap::new());
+
+/// Adds the process CPU time from its creation to its drop, and `iters` iterations, to a
+/// benchmark's account in [`CPU`].
+struct CpuCount {
+    id: String,
+    iters: u64,
+    start: Duration,
+}
+
+impl CpuCount {
+    fn new(id: String, iters: u64) -> Self {
+        CpuCount {
+            id,
+            iters,
+            start: raftwire::bench::cpu_time(),
+        }
+    }
+}
+
+impl Drop for CpuCount {
+    fn drop(&mut self) {
+        let spent = raftwire::bench::cpu_time().saturating_sub(self.start);
+        let mut cpu = CPU.lock().unwrap_or_else(|p| p.into_inner());
+        let account = cpu.entry(std::mem::take(&mut self.id)).or_default();
+        account.0 += spent;
+        account.1 += self.iters;
+    }
+}
+
+/// `raftwire-cpu.json`: CPU seconds per iteration of every benchmark that counted its CPU.
+fn write_cpu() -> std::io::Result<()> {
+    let cpu = CPU.lock().unwrap_or_else(|p| p.into_inner());
+    let out: serde_json::Map<String, serde_json::Value> = cpu
+        .iter()
+        .filter(|(_, (_, iters))| *iters > 0)
+        .map(|(id, (spent, iters))| {
+            let per_iter = spent.as_secs_f64() / *iters as f64;
+            (id.clone(), serde_json::json!({ "cpu_s_per_iter": per_iter }))
+        })
+        .collect();
+    merge_side("raftwire-cpu.json", out)
+}
+
+/// Writes `entries` into the side file `name` of the criterion directory, keeping the entries
+/// of benchmarks this run did not measure (a filtered run updates only its own).
+fn merge_side(name: &str, entries: serde_json::Map<String, serde_json::Value>) -> std::io::Result<()> {
+    let dir = criterion_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(name);
+    let mut all = match std::fs::read(&path) {
+        Ok(bytes) => match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(serde_json::Value::Object(map)) => map,
+            _ => serde_json::Map::new(),
+        },
+        Err(_) => serde_json::Map::new(),
+    };
+    all.extend(entries);
+    std::fs::write(path, serde_json::to_vec_pretty(&all)?)
 }
 
 fn criterion_dir() -> PathBuf {
@@ -482,12 +689,7 @@ fn write_latencies(latencies: &mut Latencies) -> std::io::Result<()> {
             serde_json::json!({"p50_us": us(percentile(samples, 50.0)), "p99_us": us(percentile(samples, 99.0))}),
         );
     }
-    let dir = criterion_dir();
-    std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("raftwire-latency.json"),
-        serde_json::to_vec_pretty(&out)?,
-    )
+    merge_side("raftwire-latency.json", out)
 }
 
 fn main() {
@@ -502,22 +704,25 @@ fn main() {
     append(&mut c, &rt);
     replication(&mut c, &rt, &mut latencies);
     let memory = snapshot(&mut c, &rt);
+    veth(&mut c, &rt);
     #[cfg(feature = "quic")]
     quic_tuning(&mut c, &rt);
+    #[cfg(feature = "compression")]
+    compression(&mut c, &rt);
     metrics_cost(&mut c, &rt);
     c.final_summary();
     let memory: serde_json::Map<String, serde_json::Value> = memory
         .into_iter()
         .map(|(id, bytes)| (id, serde_json::json!({"peak_growth_bytes": bytes})))
         .collect();
-    let written = serde_json::to_vec_pretty(&memory)
-        .map_err(std::io::Error::other)
-        .and_then(|json| std::fs::write(criterion_dir().join("raftwire-memory.json"), json));
-    if let Err(e) = written {
+    if let Err(e) = merge_side("raftwire-memory.json", memory) {
         eprintln!("cannot write the memory side file: {e}");
     }
     if let Err(e) = write_latencies(&mut latencies) {
         eprintln!("cannot write the latency side file: {e}");
+    }
+    if let Err(e) = write_cpu() {
+        eprintln!("cannot write the CPU side file: {e}");
     }
     let dir = criterion_dir();
     match summary::write_summary(&dir, &dir.join("raftwire")) {

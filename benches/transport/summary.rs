@@ -7,7 +7,9 @@
 //! iteration). The ids are read from `benchmark.json` rather than rebuilt from directory names, so
 //! criterion's name sanitizing (and its `_1` suffixes) does not matter. Two optional side files
 //! written by the harness are merged in: `raftwire-latency.json` (`p50_us`, `p99_us`) and
-//! `raftwire-memory.json` (`peak_growth_bytes`), both keyed like the benchmark ids.
+//! `raftwire-memory.json` (`peak_growth_bytes`) and `raftwire-cpu.json` (`cpu_s_per_iter`: the
+//! process's CPU time per iteration, turned into `cpu_ms_per_mib`, `cpu_us_per_element` or
+//! `cpu_us_per_iter` here), all keyed like the benchmark ids.
 //!
 //! Whatever was not measured is left out: a transport that was not compiled in has no series, a
 //! chart with no data at all is not written. Unreadable files are reported on stderr and skipped.
@@ -32,6 +34,7 @@ const FONT: &str = "sans-serif";
 const MAX_DEPTH: usize = 6;
 const LATENCY_FILE: &str = "raftwire-latency.json";
 const MEMORY_FILE: &str = "raftwire-memory.json";
+const CPU_FILE: &str = "raftwire-cpu.json";
 
 /// Reads criterion's results under `criterion_dir`, writes the comparison SVGs and `summary.json`
 /// into `out_dir` (created if missing) and returns the files written.
@@ -98,6 +101,7 @@ struct Results {
     benches: BTreeMap<String, Bench>,
     latency: SideData,
     memory: SideData,
+    cpu: SideData,
 }
 
 impl Results {
@@ -140,6 +144,7 @@ impl Results {
             benches,
             latency: read_side(&criterion_dir.join(LATENCY_FILE)),
             memory: read_side(&criterion_dir.join(MEMORY_FILE)),
+            cpu: read_side(&criterion_dir.join(CPU_FILE)),
         })
     }
 
@@ -189,6 +194,22 @@ impl Results {
             }
             if let Some(rate) = b.elements_per_s() {
                 entry.insert("throughput_elements_per_s".into(), json!(rate));
+            }
+            // CPU per operation: per MiB of payload, per element (a write), else per iteration
+            // (one round trip).
+            if let Some(cpu) = Self::side_f64(&self.cpu, key, "cpu_s_per_iter") {
+                entry.insert("cpu_s_per_iter".into(), json!(cpu));
+                match (b.bytes_per_iter, b.elements_per_iter) {
+                    (Some(bytes), _) if bytes > 0.0 => {
+                        entry.insert("cpu_ms_per_mib".into(), json!(cpu * 1e3 * MIB / bytes));
+                    }
+                    (_, Some(n)) if n > 0.0 => {
+                        entry.insert("cpu_us_per_element".into(), json!(cpu * 1e6 / n));
+                    }
+                    _ => {
+                        entry.insert("cpu_us_per_iter".into(), json!(cpu * 1e6));
+                    }
+                }
             }
             out.insert(key.clone(), Value::Object(entry));
         }
