@@ -53,6 +53,7 @@ use crate::Network;
 use crate::NetworkFactory;
 use crate::Transport;
 use crate::WireLeaderId;
+use crate::WireMessage;
 use crate::error::TransportError;
 use crate::kv::KvConfig;
 use crate::kv::KvNode;
@@ -75,6 +76,9 @@ pub enum Subject {
     RawTls,
     /// openraft over in-process channels, no encoding, no network: the ceiling.
     InProcess,
+    /// The same, with each entry payload encoded, copied into one buffer and decoded again
+    /// on the way, as any transport must: the fair ceiling for large entries.
+    InProcessEncoded,
 }
 
 impl Subject {
@@ -84,6 +88,7 @@ impl Subject {
             Subject::Transport(t) => t.name(),
             Subject::RawTls => "raw-tls",
             Subject::InProcess => "in-process",
+            Subject::InProcessEncoded => "in-process-encoded",
         }
     }
 
@@ -127,6 +132,9 @@ mod veth;
 pub use veth::Far;
 pub use veth::VETH_MTU;
 pub use veth::Veth;
+
+/// How long a benchmark write keeps looking for a leader that serves it.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
 
 /// The node id the benchmark's own "leader" identity uses.
 const BENCH_LEADER: u64 = 100;
@@ -352,14 +360,14 @@ impl AppendBench {
                 bench.target = AppendTarget::Net(Box::new(client));
                 bench.follower = Some(follower);
             }
-            Subject::InProcess if options.far.is_some() => {
+            Subject::InProcess | Subject::InProcessEncoded if options.far.is_some() => {
                 return Err(bench_err("append")(
                     "the in-process network has no link to cross".into(),
                 ));
             }
-            Subject::InProcess => {
+            Subject::InProcess | Subject::InProcessEncoded => {
                 let log = LogStore::bounded_for_benchmarks(4 * per_request * window.max(1));
-                let router = InProcessRouter::default();
+                let router = InProcessRouter::new(subject);
                 let raft = openraft::Raft::new(
                     1,
                     raft_config(None)?,
@@ -544,8 +552,8 @@ impl RpcBench {
                 let client = RawTlsClient::connect(&pki, server.addr, 1).await?;
                 bench.raw = Some((server, client));
             }
-            Subject::InProcess => {
-                let router = InProcessRouter::default();
+            Subject::InProcess | Subject::InProcessEncoded => {
+                let router = InProcessRouter::new(subject);
                 let raft = openraft::Raft::new(
                     1,
                     raft_config(None)?,
@@ -656,8 +664,8 @@ impl ClusterBench {
                     .map_err(|e| bench_err("membership")(e.to_string()))?;
                 ClusterNodes::Net(nodes)
             }
-            Subject::InProcess => {
-                let router = InProcessRouter::default();
+            Subject::InProcess | Subject::InProcessEncoded => {
+                let router = InProcessRouter::new(subject);
                 let mut rafts = Vec::new();
                 for id in 1..=3 {
                     let raft = openraft::Raft::new(
@@ -721,8 +729,9 @@ impl ClusterBench {
     }
 
     /// Writes `writes` values of `size` bytes with `writers` concurrent writers. A write that
-    /// meets a leader change (a CPU-starved machine can time out a heartbeat) is retried on the
-    /// new leader and its latency includes the wait.
+    /// meets a leader change (a CPU-starved machine can time out a heartbeat), or a leader not
+    /// serving yet (just elected, its first entry not committed), is retried on the leader of
+    /// the moment for up to 10 s; its latency includes the wait.
     pub async fn run(&self, writes: usize, writers: usize, size: usize) -> Result<WriteRun, BenchError> {
         let value = Bytes::from(vec![0x42; size]);
         let first = self.leader().await?;
@@ -737,14 +746,16 @@ impl ClusterBench {
                 async move {
                     let t = Instant::now();
                     let mut leader = first;
-                    for _ in 0..3 {
+                    loop {
                         match leader.client_write(req.clone()).await {
                             Ok(_) => return Ok(t.elapsed()),
-                            Err(e) if e.forward_to_leader().is_some() => leader = self.leader().await?,
+                            Err(e) if e.forward_to_leader().is_some() && t.elapsed() < LEADER_WAIT => {
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                                leader = self.leader().await?;
+                            }
                             Err(e) => return Err(bench_err("write")(e.to_string())),
                         }
                     }
-                    Err(bench_err("write")("the leader kept changing".into()))
                 }
             })
             .buffer_unordered(writers.max(1));
@@ -813,9 +824,18 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
 #[derive(Clone, Default)]
 struct InProcessRouter {
     nodes: Arc<Mutex<HashMap<u64, KvRaft>>>,
+    /// Whether replication requests go through [`through_the_wire`].
+    encoded: bool,
 }
 
 impl InProcessRouter {
+    fn new(subject: Subject) -> Self {
+        InProcessRouter {
+            nodes: Arc::default(),
+            encoded: subject == Subject::InProcessEncoded,
+        }
+    }
+
     fn add(&self, id: u64, raft: KvRaft) {
         self.nodes
             .lock()
@@ -885,6 +905,36 @@ impl InProcessNetwork {
 
 struct InProcessSink {
     tx: Option<mpsc::Sender<AppendEntriesRequest<KvConfig>>>,
+    encoded: bool,
+}
+
+/// What any transport does to a request's entry payloads at the least: encodes each (the
+/// application's `WireMessage`), copies them into one buffer (the send), and decodes each
+/// from a slice of it (the receive).
+fn through_the_wire(
+    mut req: AppendEntriesRequest<KvConfig>,
+) -> Result<AppendEntriesRequest<KvConfig>, TransportError> {
+    let mut wire = bytes::BytesMut::new();
+    let mut spans = Vec::with_capacity(req.entries.len());
+    for entry in &req.entries {
+        if let EntryPayload::Normal(r) = &entry.payload {
+            let encoded = WireMessage::encode(r)?;
+            spans.push(wire.len()..wire.len() + encoded.len());
+            wire.extend_from_slice(&encoded);
+        }
+    }
+    let wire = wire.freeze();
+    let normal = req.entries.iter_mut().filter_map(|e| match &mut e.payload {
+        EntryPayload::Normal(r) => Some(r),
+        _ => None,
+    });
+    for (r, span) in normal.zip(spans) {
+        *r = WireMessage::decode(wire.slice(span)).map_err(|e| TransportError::Decode {
+            rpc: RPCTypes::AppendEntries,
+            source: e,
+        })?;
+    }
+    Ok(req)
 }
 
 impl RequestSink<KvConfig> for InProcessSink {
@@ -894,6 +944,10 @@ impl RequestSink<KvConfig> for InProcessSink {
             reason: "closed".into(),
         };
         let size = req.entries.len();
+        let req = match self.encoded {
+            true => through_the_wire(req)?,
+            false => req,
+        };
         self.tx
             .as_ref()
             .ok_or_else(closed)?
@@ -952,7 +1006,10 @@ impl RaftNetworkV2<KvConfig> for InProcessNetwork {
             };
             let out = pipeline::run(
                 input,
-                InProcessSink { tx: Some(tx) },
+                InProcessSink {
+                    tx: Some(tx),
+                    encoded: self.router.encoded,
+                },
                 Box::pin(replies),
                 window,
                 option.soft_ttl(),
@@ -1531,7 +1588,7 @@ impl SnapshotBench {
                     client,
                 }
             }
-            Subject::InProcess => {
+            Subject::InProcess | Subject::InProcessEncoded => {
                 return Err(bench_err("snapshot")("no in-process snapshot is measured".into()));
             }
         };

@@ -64,6 +64,18 @@ async fn appends_and_snapshots_cross_a_veth_link() {
     assert!(!listed().contains(&ns), "the namespace outlived the link");
 }
 
+/// The in-process cluster whose network encodes, copies and decodes payloads replicates
+/// writes like the plain one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_encoding_in_process_cluster_replicates() {
+    let cluster = raftwire::bench::ClusterBench::start(Subject::InProcessEncoded)
+        .await
+        .unwrap();
+    let run = cluster.run(200, 8, 16 << 10).await.unwrap();
+    assert_eq!(run.latencies.len(), 200);
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trips_over_the_in_process_network() {
     let mut bench = RpcBench::start(Subject::InProcess).await.unwrap();

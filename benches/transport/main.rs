@@ -285,7 +285,7 @@ fn replication(c: &mut Criterion, rt: &tokio::runtime::Runtime, latencies: &mut 
     let sizes: &[usize] = if quick() { &[256] } else { &[256, 16 << 10] };
     let writers: &[usize] = if quick() { &[256] } else { &[1, 64, 256] };
     let mut subjects = Subject::transports();
-    subjects.push(Subject::InProcess);
+    subjects.extend([Subject::InProcess, Subject::InProcessEncoded]);
     for &subject in &subjects {
         let id = |size: usize, w: usize| format!("replication/{}/{size}B-c{w}", subject.name());
         if !sizes

@@ -390,6 +390,7 @@ fn subject_order(subject: &str) -> (u8, String) {
         "tcp" => 2,
         "raw-tls" => 8,
         "in-process" => 9,
+        "in-process-encoded" => 10,
         _ => 5,
     };
     (rank, subject.to_string())
@@ -427,6 +428,11 @@ fn subject_style(subject: &str) -> SubjectStyle {
             RGBColor(44, 160, 44),
             true,
             "in-process (baseline: openraft ceiling)".to_string(),
+        ),
+        "in-process-encoded" => (
+            RGBColor(110, 190, 110),
+            true,
+            "in-process-encoded (baseline: ceiling with payload encoding)".to_string(),
         ),
         other => {
             let hash = other
