@@ -5,7 +5,8 @@
 //! [`Server`], with the transport chosen at run time in [`Config`].
 //!
 //! - **gRPC** (tonic + prost over HTTP/2), the default; heartbeats, snapshots and bulk
-//!   replication each get their own connection per peer.
+//!   replication each get their own connection per peer; replication and snapshot bodies
+//!   carry entry payloads and snapshot chunks uncopied.
 //! - **QUIC** (quinn) with raftwire's own zero-copy framing: one connection per peer, a stream
 //!   per replication session, heartbeat, vote and snapshot, so nothing waits behind anything.
 //! - **TCP**: the same framing over TLS 1.3 on TCP, the bulk-throughput path: separate
@@ -72,7 +73,7 @@
 //! pipelining of `stream_append`), `stats` (counters and per-peer metric handles), `service` (the server core every transport serves through:
 //! identity checks, snapshot receive / verify / install, bridging into `Raft`), `snapshot`,
 //! `server`, `accept` (the TLS-over-TCP accept loop gRPC and TCP share, routing by ALPN),
-//! `grpc/` (client, server, proto conversions), `codec/` (the frame format of QUIC and TCP,
+//! `grpc/` (client, server, proto conversions, request bodies written without copies), `codec/` (the frame format of QUIC and TCP,
 //! no I/O), `framed/` (exchanges in frames over any byte stream: client calls and server
 //! dispatch), `quic/` and `tcp/` (each only connections and streams); behind the `app` feature: `kv` (the demo
 //! key-value application, also used by the tests and benches), `node` (`raftwire node` and

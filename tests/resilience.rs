@@ -309,7 +309,18 @@ fn shutdown_closes_everything_on(transport: Transport) {
         );
 
         use openraft::async_runtime::watch::WatchReceiver;
-        let seen = raft3.metrics().borrow_watched().last_log_index;
+        // Requests the old Raft took in before the shutdown may still be finishing: wait until
+        // its log stops moving (writes go on all along, so a connection that survived the
+        // shutdown would keep it moving).
+        let last = || raft3.metrics().borrow_watched().last_log_index;
+        let mut seen = last();
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if last() == seen {
+                break;
+            }
+            seen = last();
+        }
         assert_eq!(
             sockets_on(port),
             0,

@@ -19,13 +19,16 @@ use openraft::raft::VoteRequest;
 use openraft::raft::VoteResponse;
 use prost::Message;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic::Status;
 use tonic::transport::Channel;
 use tonic::transport::Endpoint;
 
 use super::ERROR_MARK;
+use super::body;
+use super::body::Chunks;
+use super::body::Framer;
+use super::body::RequestBody;
 use super::convert;
 use super::counted::Counted;
 use super::pb;
@@ -47,6 +50,12 @@ use crate::snapshot::Trailer;
 use crate::stats::Stats;
 use crate::tls;
 use crate::types::RaftWireConfig;
+
+/// The replication stream's method.
+const STREAM_APPEND: &str = "/raftwire.v1.Raft/StreamAppend";
+
+/// The snapshot upload's method.
+const INSTALL_SNAPSHOT: &str = "/raftwire.v1.Raft/InstallSnapshot";
 
 /// A connection's byte stream, plain or under TLS.
 trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
@@ -88,9 +97,11 @@ pub(crate) struct Lane {
     dialer: Dialer<Channel>,
     max_message_size: usize,
     max_in_flight_requests: usize,
-    /// Whether messages are compressed (zstd) both ways.
+    /// Whether unary messages are compressed (zstd) both ways.
     #[cfg(feature = "compression")]
     compressed: bool,
+    /// How replication and snapshot messages are written (see `body`).
+    framer: Framer,
     stats: Stats,
 }
 
@@ -131,6 +142,7 @@ impl Lane {
             max_in_flight_requests: config.max_in_flight_requests,
             #[cfg(feature = "compression")]
             compressed: super::compressed(config),
+            framer: Framer::new(config),
             stats,
         }
     }
@@ -299,7 +311,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
     ) -> BoxFuture<'s, Result<Replies<'s, C>, TransportError>> {
         Box::pin(async move {
             let rpc = RPCTypes::AppendEntries;
-            let mut client = tokio::time::timeout(deadline, self.client())
+            let channel = tokio::time::timeout(deadline, self.channel())
                 .await
                 .map_err(|_| TransportError::Timeout { rpc, after: deadline })??;
             // Sent but unanswered requests never exceed the window, so this channel never blocks.
@@ -307,10 +319,11 @@ impl<C: RaftWireConfig> Link<C> for Lane {
             // The call is opened lazily, when the pipeline first waits for a reply: by then the
             // first request is queued, so headers and data leave together and a one-request
             // session (a heartbeat) costs one round trip, not two.
-            let call = async move { client.stream_append(ReceiverStream::new(rx)).await };
+            let framer = self.framer;
+            let call =
+                body::open::<pb::StreamAppendReply>(channel, STREAM_APPEND, RequestBody::new(rx), framer);
             let replies = futures::stream::once(call).flat_map(move |opened| match opened {
-                Ok(response) => response
-                    .into_inner()
+                Ok(replies) => replies
                     .map(move |r| match r {
                         Ok(reply) => convert::stream_reply_from_pb(reply)
                             .map_err(|source| TransportError::Decode { rpc, source }),
@@ -321,6 +334,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
             });
             let sink = ChannelSink {
                 tx: Some(tx),
+                framer: self.framer,
                 max: self.max_message_size,
             };
             let session = pipeline::run(
@@ -357,34 +371,41 @@ impl<C: RaftWireConfig> Link<C> for Lane {
     ) -> BoxFuture<'s, Result<Box<dyn SnapshotUpload<C> + 's>, TransportError>> {
         Box::pin(async move {
             let header = convert::snapshot_header_to_pb::<C>(&vote, &meta)?;
-            let mut grpc = tonic::client::Grpc::new(self.channel().await?)
-                .max_decoding_message_size(self.max_message_size)
-                .max_encoding_message_size(self.max_message_size);
-            #[cfg(feature = "compression")]
-            if self.compressed {
-                let zstd = tonic::codec::CompressionEncoding::Zstd;
-                grpc = grpc.send_compressed(zstd).accept_compressed(zstd);
-            }
-            // Two chunks in flight, and a slot kept for the abort marker.
-            let (tx, rx) = mpsc::channel::<Result<pb::SnapshotChunk, Status>>(3);
-            let abort = tx.clone().try_reserve_owned().ok();
             let first = pb::SnapshotChunk {
                 kind: Some(pb::snapshot_chunk::Kind::Header(header)),
             };
+            let first = self
+                .framer
+                .snapshot(&first)
+                .map_err(|status| TransportError::Broken {
+                    rpc: RPCTypes::InstallSnapshot,
+                    reason: status.message().to_string(),
+                })?;
+            let channel = self.channel().await?;
+            // Two chunks in flight, and a slot kept for the abort marker.
+            let (tx, rx) = mpsc::channel::<Result<Chunks, Status>>(3);
+            let abort = tx.clone().try_reserve_owned().ok();
             // The channel is empty and open: this cannot wait.
             let _ = tx.try_send(Ok(first));
             // The call runs as a task so chunks flow while we read the next one.
+            let framer = self.framer;
             let call = tokio::spawn(async move {
-                grpc.ready()
-                    .await
-                    .map_err(|e| Status::unavailable(format!("connection not ready: {e}")))?;
-                let path = http::uri::PathAndQuery::from_static("/raftwire.v1.Raft/InstallSnapshot");
-                grpc.client_streaming(tonic::Request::new(ReceiverStream::new(rx)), path, UploadCodec)
-                    .await
+                let mut replies = body::open::<pb::SnapshotResponse>(
+                    channel,
+                    INSTALL_SNAPSHOT,
+                    RequestBody::new(rx),
+                    framer,
+                )
+                .await?;
+                match replies.message().await? {
+                    Some(resp) => Ok(resp),
+                    None => Err(Status::internal("the receiver ended the call without an answer")),
+                }
             });
             let upload: Box<dyn SnapshotUpload<C> + 's> = Box::new(Upload {
                 lane: self,
                 tx: Some(tx),
+                framer: self.framer,
                 abort,
                 call: Some(call),
             });
@@ -393,14 +414,15 @@ impl<C: RaftWireConfig> Link<C> for Lane {
     }
 }
 
-type UploadCall = tokio::task::JoinHandle<Result<tonic::Response<pb::SnapshotResponse>, Status>>;
+type UploadCall = tokio::task::JoinHandle<Result<pb::SnapshotResponse, Status>>;
 
 /// A snapshot call in progress: chunks go through `tx`; the call's answer comes from `call`.
 struct Upload<'a> {
     lane: &'a Lane,
-    tx: Option<mpsc::Sender<Result<pb::SnapshotChunk, Status>>>,
+    tx: Option<mpsc::Sender<Result<Chunks, Status>>>,
+    framer: Framer,
     /// The channel slot for the marker that fails the request body if the upload is given up.
-    abort: Option<mpsc::OwnedPermit<Result<pb::SnapshotChunk, Status>>>,
+    abort: Option<mpsc::OwnedPermit<Result<Chunks, Status>>>,
     /// `None` only while being dropped.
     call: Option<UploadCall>,
 }
@@ -419,7 +441,7 @@ impl Upload<'_> {
         // Done: `Drop` must not wait on a finished handle (polling it again panics).
         self.call = None;
         match outcome {
-            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Ok(resp)) => Ok(resp),
             Ok(Err(status)) => Err(self.lane.failed(rpc, status)),
             Err(join) => Err(TransportError::Broken {
                 rpc,
@@ -430,8 +452,15 @@ impl Upload<'_> {
 
     async fn push(&mut self, kind: pb::snapshot_chunk::Kind) -> Result<(), TransportError> {
         let chunk = pb::SnapshotChunk { kind: Some(kind) };
+        let chunks = self
+            .framer
+            .snapshot(&chunk)
+            .map_err(|status| TransportError::Broken {
+                rpc: RPCTypes::InstallSnapshot,
+                reason: status.message().to_string(),
+            })?;
         let sent = match &self.tx {
-            Some(tx) => tx.send(Ok(chunk)).await.is_ok(),
+            Some(tx) => tx.send(Ok(chunks)).await.is_ok(),
             None => false,
         };
         if sent {
@@ -504,40 +533,11 @@ impl Drop for Upload<'_> {
     }
 }
 
-/// The codec of snapshot uploads: prost messages, and an `Err` item that fails the request
-/// body (see `Upload`'s `Drop`).
-struct UploadCodec;
-
-impl tonic::codec::Codec for UploadCodec {
-    type Encode = Result<pb::SnapshotChunk, Status>;
-    type Decode = pb::SnapshotResponse;
-    type Encoder = UploadEncoder;
-    type Decoder = tonic_prost::ProstDecoder<pb::SnapshotResponse>;
-
-    fn encoder(&mut self) -> UploadEncoder {
-        UploadEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        tonic_prost::ProstDecoder::default()
-    }
-}
-
-struct UploadEncoder;
-
-impl tonic::codec::Encoder for UploadEncoder {
-    type Item = Result<pb::SnapshotChunk, Status>;
-    type Error = Status;
-
-    fn encode(&mut self, item: Self::Item, dst: &mut tonic::codec::EncodeBuf<'_>) -> Result<(), Status> {
-        item?
-            .encode(dst)
-            .map_err(|e| Status::internal(format!("encoding a snapshot chunk: {e}")))
-    }
-}
-
+/// The replication stream's request side: each request framed (payloads uncopied) and queued
+/// for the request body.
 struct ChannelSink {
-    tx: Option<mpsc::Sender<pb::AppendEntriesRequest>>,
+    tx: Option<mpsc::Sender<Result<Chunks, Status>>>,
+    framer: Framer,
     max: usize,
 }
 
@@ -556,8 +556,15 @@ impl<C: RaftWireConfig> RequestSink<C> for ChannelSink {
             rpc: RPCTypes::AppendEntries,
             reason: "request stream closed".into(),
         };
+        let chunks = self
+            .framer
+            .append(&msg)
+            .map_err(|status| TransportError::Broken {
+                rpc: RPCTypes::AppendEntries,
+                reason: status.message().to_string(),
+            })?;
         let tx = self.tx.as_ref().ok_or_else(closed)?;
-        tx.send(msg).await.map_err(|_| closed())?;
+        tx.send(Ok(chunks)).await.map_err(|_| closed())?;
         Ok(size)
     }
 

@@ -1,5 +1,6 @@
 //! gRPC transport (tonic + prost over HTTP/2).
 
+mod body;
 mod client;
 pub(crate) mod convert;
 mod counted;
