@@ -591,7 +591,8 @@ pub(crate) fn compiled_transports() -> String {
 /// Votes, heartbeats without entries and replies are never compressed. A compressed frame
 /// decompresses to at most [`max_message_size`](ConfigBuilder::max_message_size) bytes; a
 /// larger one is refused like an oversized frame. gRPC uses gRPC's own message compression
-/// (`grpc-encoding: zstd`, at zstd's default level) for every message of a call.
+/// (`grpc-encoding: zstd`): replication and snapshot messages as above (at `level`, from
+/// `min_size` bytes), unary calls through tonic at zstd's default level.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg(feature = "compression")]
 pub enum Compression {
