@@ -367,10 +367,8 @@ mod tests {
 
     #[test]
     fn messages_over_the_limit_are_refused() {
-        let framer = Framer {
-            max: 1000,
-            ..framer()
-        };
+        let mut framer = framer();
+        framer.max = 1000;
         let chunk = pb::SnapshotChunk {
             kind: Some(pb::snapshot_chunk::Kind::Data(Bytes::from(vec![0u8; 5000]))),
         };
