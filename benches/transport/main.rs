@@ -280,6 +280,32 @@ fn measure_appends(
     rt.block_on(bench.stop());
 }
 
+/// Times whole snapshot transfers of `size` bytes, then stops the receiver. `id` is (group,
+/// function, parameter).
+fn measure_snapshots(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    mut bench: SnapshotBench,
+    size: u64,
+    (group_name, function, parameter): (&str, String, String),
+) {
+    let key = format!("{group_name}/{function}/{parameter}");
+    group.throughput(Throughput::Bytes(size));
+    group.bench_function(BenchmarkId::new(function, parameter), |b| {
+        b.iter_custom(|iters| {
+            let _cpu = CpuCount::new(key.clone(), iters);
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    total += bench.run().await.expect("snapshot");
+                }
+                total
+            })
+        })
+    });
+    rt.block_on(bench.stop());
+}
+
 fn replication(c: &mut Criterion, rt: &tokio::runtime::Runtime, latencies: &mut Latencies) {
     let mut group = c.benchmark_group("replication");
     let sizes: &[usize] = if quick() { &[256] } else { &[256, 16 << 10] };
@@ -349,20 +375,8 @@ fn snapshot(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> BTreeMap<String,
             let (probe, growth) = peak_growth(|| rt.block_on(bench.run()));
             probe.expect("snapshot probe");
             memory.insert(format!("snapshot/{}/{label}", subject.name()), growth);
-            group.throughput(Throughput::Bytes(size));
-            group.bench_function(BenchmarkId::new(subject.name(), label), |b| {
-                b.iter_custom(|iters| {
-                    let _cpu = CpuCount::new(format!("snapshot/{}/{label}", subject.name()), iters);
-                    rt.block_on(async {
-                        let mut total = Duration::ZERO;
-                        for _ in 0..iters {
-                            total += bench.run().await.expect("snapshot");
-                        }
-                        total
-                    })
-                })
-            });
-            rt.block_on(bench.stop());
+            let id = ("snapshot", subject.name().to_string(), label.to_string());
+            measure_snapshots(&mut group, rt, bench, size, id);
         }
     }
     group.finish();
@@ -503,20 +517,8 @@ fn veth(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
             .block_on(SnapshotBench::start_on(subject, size, Some(link.far())))
             .expect("veth snapshot setup");
         rt.block_on(bench.run()).expect("snapshot warm-up");
-        group.throughput(Throughput::Bytes(size));
-        group.bench_function(BenchmarkId::new(subject.name(), "64MiB"), |b| {
-            b.iter_custom(|iters| {
-                let _cpu = CpuCount::new(key.clone(), iters);
-                rt.block_on(async {
-                    let mut total = Duration::ZERO;
-                    for _ in 0..iters {
-                        total += bench.run().await.expect("snapshot");
-                    }
-                    total
-                })
-            })
-        });
-        rt.block_on(bench.stop());
+        let id = ("veth-snapshot", subject.name().to_string(), "64MiB".to_string());
+        measure_snapshots(&mut group, rt, bench, size, id);
     }
     group.finish();
     drop(link);

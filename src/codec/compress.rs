@@ -21,6 +21,9 @@ use super::Kind;
 use crate::config::Compression;
 use crate::error::DecodeError;
 
+/// How much output a decompression reserves before any of it is produced.
+const FIRST_RESERVE: usize = 64 << 10;
+
 /// Header flag: the body is one zstd frame.
 pub(crate) const FLAG_ZSTD: u16 = 0x0001;
 
@@ -137,7 +140,9 @@ impl std::fmt::Debug for Decompressor {
 
 impl Decompressor {
     /// The body of a frame with [`FLAG_ZSTD`] set, decompressed. The zstd frame must declare
-    /// its size, and that size may not exceed `max_len`: no more than that is ever reserved.
+    /// its size, which may not exceed `max_len`; the output grows as it is produced (from
+    /// [`FIRST_RESERVE`], doubling), so a frame that declares much and inflates to little never
+    /// makes the receiver hold what it declared, and none may inflate past it.
     pub(crate) fn body(&mut self, kind: Kind, body: &[u8], max_len: usize) -> Result<Bytes, FrameError> {
         let bad = |reason: String| FrameError::Body {
             kind,
@@ -157,13 +162,45 @@ impl Decompressor {
                 max: max_len,
             });
         }
-        let mut out = Vec::with_capacity(declared as usize);
+        let declared = declared as usize;
+        let zstd = |code: usize| bad(format!("zstd: {}", zstd_safe::get_error_name(code)));
         let dctx = self.dctx.get_or_insert_with(DCtx::create);
-        let n = dctx
-            .decompress(&mut out, body)
-            .map_err(|code| bad(format!("zstd: {}", zstd_safe::get_error_name(code))))?;
-        if n as u64 != declared {
-            return Err(bad(format!("declared {declared} decompressed bytes, got {n}")));
+        // A context left mid-frame by an earlier error starts over.
+        dctx.reset(zstd_safe::ResetDirective::SessionOnly).map_err(zstd)?;
+        // One byte of room past the declared size: a frame that fills it says more than it
+        // declared.
+        let limit = declared + 1;
+        let mut out: Vec<u8> = Vec::with_capacity(limit.min(FIRST_RESERVE));
+        let mut input = InBuffer::around(body);
+        loop {
+            if out.len() == out.capacity() {
+                if out.len() >= limit {
+                    return Err(bad(format!("inflates past the {declared} bytes it declared")));
+                }
+                out.reserve_exact(out.len().max(FIRST_RESERVE).min(limit - out.len()));
+            }
+            let (pos, consumed) = (out.len(), input.pos());
+            let mut output = OutBuffer::around_pos(&mut out, pos);
+            let more = dctx.decompress_stream(&mut output, &mut input).map_err(zstd)?;
+            let produced = output.pos() - pos;
+            if more == 0 {
+                break;
+            }
+            if produced == 0 && input.pos() == consumed {
+                return Err(bad("compressed body ends inside its zstd frame".into()));
+            }
+        }
+        if input.pos() != body.len() {
+            return Err(bad(format!(
+                "{} bytes after the zstd frame",
+                body.len() - input.pos()
+            )));
+        }
+        if out.len() != declared {
+            return Err(bad(format!(
+                "declared {declared} decompressed bytes, got {}",
+                out.len()
+            )));
         }
         Ok(Bytes::from(out))
     }

@@ -1240,9 +1240,13 @@ mod compression {
             "{err}"
         );
         assert_eq!(err.error_code(), ErrorCode::TooLarge);
-        let cases: [(Kind, Vec<u8>); 4] = [
+        let small = zstd::bulk::compress(&[5u8; 10_000], 1).unwrap();
+        let cases: [(Kind, Vec<u8>); 6] = [
             // Control and reply kinds are never compressed.
             (Kind::Vote, zeros.clone()),
+            // Bytes after the zstd frame, or a second frame.
+            (Kind::StreamAppend, [&small[..], b"junk"].concat()),
+            (Kind::StreamAppend, [&small[..], &small[..]].concat()),
             // Not zstd at all.
             (Kind::StreamAppend, b"not a zstd frame at all".to_vec()),
             // Cut short.

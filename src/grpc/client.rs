@@ -371,16 +371,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
     ) -> BoxFuture<'s, Result<Box<dyn SnapshotUpload<C> + 's>, TransportError>> {
         Box::pin(async move {
             let header = convert::snapshot_header_to_pb::<C>(&vote, &meta)?;
-            let first = pb::SnapshotChunk {
-                kind: Some(pb::snapshot_chunk::Kind::Header(header)),
-            };
-            let first = self
-                .framer
-                .snapshot(&first)
-                .map_err(|status| TransportError::Broken {
-                    rpc: RPCTypes::InstallSnapshot,
-                    reason: status.message().to_string(),
-                })?;
+            let first = snapshot_message(self.framer, pb::snapshot_chunk::Kind::Header(header))?;
             let channel = self.channel().await?;
             // Two chunks in flight, and a slot kept for the abort marker.
             let (tx, rx) = mpsc::channel::<Result<Chunks, Status>>(3);
@@ -412,6 +403,16 @@ impl<C: RaftWireConfig> Link<C> for Lane {
             Ok(upload)
         })
     }
+}
+
+/// One part of a snapshot upload as its gRPC message.
+fn snapshot_message(framer: Framer, kind: pb::snapshot_chunk::Kind) -> Result<Chunks, TransportError> {
+    framer
+        .snapshot(&pb::SnapshotChunk { kind: Some(kind) })
+        .map_err(|status| TransportError::Broken {
+            rpc: RPCTypes::InstallSnapshot,
+            reason: status.message().to_string(),
+        })
 }
 
 type UploadCall = tokio::task::JoinHandle<Result<pb::SnapshotResponse, Status>>;
@@ -451,14 +452,7 @@ impl Upload<'_> {
     }
 
     async fn push(&mut self, kind: pb::snapshot_chunk::Kind) -> Result<(), TransportError> {
-        let chunk = pb::SnapshotChunk { kind: Some(kind) };
-        let chunks = self
-            .framer
-            .snapshot(&chunk)
-            .map_err(|status| TransportError::Broken {
-                rpc: RPCTypes::InstallSnapshot,
-                reason: status.message().to_string(),
-            })?;
+        let chunks = snapshot_message(self.framer, kind)?;
         let sent = match &self.tx {
             Some(tx) => tx.send(Ok(chunks)).await.is_ok(),
             None => false,
