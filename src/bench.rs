@@ -753,6 +753,11 @@ impl ClusterBench {
                                 tokio::time::sleep(Duration::from_millis(5)).await;
                                 leader = self.leader().await?;
                             }
+                            Err(e) if e.forward_to_leader().is_some() => {
+                                return Err(bench_err("write")(format!(
+                                    "no leader served the write within {LEADER_WAIT:?}: {e}"
+                                )));
+                            }
                             Err(e) => return Err(bench_err("write")(e.to_string())),
                         }
                     }

@@ -549,11 +549,11 @@ impl ConfigBuilder {
         }
         #[cfg(feature = "compression")]
         if let Compression::Zstd { level, .. } = c.compression
-            && (!(-7..=22).contains(&level) || level == 0)
+            && (!(-7..=19).contains(&level) || level == 0)
         {
             return Err(ConfigError::Invalid {
                 field: "compression",
-                requirement: "a zstd level from -7 to 22, not 0 (zstd's fast levels are negative)",
+                requirement: "a zstd level from -7 to 19, not 0 (zstd's fast levels are negative; receivers accept windows up to level 19's 8 MiB)",
                 value: level.to_string(),
             });
         }
@@ -591,16 +591,16 @@ pub(crate) fn compiled_transports() -> String {
 /// Votes, heartbeats without entries and replies are never compressed. A compressed frame
 /// decompresses to at most [`max_message_size`](ConfigBuilder::max_message_size) bytes; a
 /// larger one is refused like an oversized frame. gRPC uses gRPC's own message compression
-/// (`grpc-encoding: zstd`): replication and snapshot messages as above (at `level`, from
-/// `min_size` bytes), unary calls through tonic at zstd's default level.
+/// (`grpc-encoding: zstd`) for replication and snapshot messages as above (at `level`, from
+/// `min_size` bytes); unary calls and replies are never compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg(feature = "compression")]
 pub enum Compression {
     /// Nothing is compressed (the default).
     #[default]
     Off,
-    /// zstd at `level` (1 to 22; negative levels are faster and compress less) for bodies of
-    /// at least `min_size` bytes.
+    /// zstd at `level` (1 to 19; negative levels down to -7 are faster and compress less) for
+    /// bodies of at least `min_size` bytes.
     Zstd {
         /// zstd's compression level.
         level: i32,

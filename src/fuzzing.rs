@@ -194,7 +194,10 @@ pub fn run_frame_decoder(input: &[u8]) -> Checked {
     };
     let n = usize::from(n % 8).min(rest.len());
     let (chunks, stream) = rest.split_at(n);
-    decode_frames(stream, u32::from_be_bytes(*max_len) as usize, chunks)
+    // At most 16 MiB: a compressed frame may inflate to the limit, and a larger one would only
+    // measure the fuzzer's memory.
+    let max_len = (u32::from_be_bytes(*max_len) as usize).min(16 << 20);
+    decode_frames(stream, max_len, chunks)
 }
 
 // ---- QUIC bodies ----

@@ -5,8 +5,8 @@
 //! [`Server`], with the transport chosen at run time in [`Config`].
 //!
 //! - **gRPC** (tonic + prost over HTTP/2), the default; heartbeats, snapshots and bulk
-//!   replication each get their own connection per peer; replication and snapshot bodies
-//!   carry entry payloads and snapshot chunks uncopied.
+//!   replication each get their own connection per peer; uncompressed replication and
+//!   snapshot bodies carry entry payloads and snapshot chunks uncopied.
 //! - **QUIC** (quinn) with raftwire's own zero-copy framing: one connection per peer, a stream
 //!   per replication session, heartbeat, vote and snapshot, so nothing waits behind anything.
 //! - **TCP**: the same framing over TLS 1.3 on TCP, the bulk-throughput path: separate

@@ -145,7 +145,7 @@ async fn mismatched_compression_is_refused_at_connect(transport: Transport) {
 #[test]
 fn zstd_levels_outside_zstd_s_range_are_refused() {
     let net = Net::new(common::transports()[0]);
-    for level in [0, 23, -1000] {
+    for level in [0, 20, -1000] {
         let err = Config::builder()
             .tls(net.ca.tls_config(1).unwrap())
             .compression(Compression::Zstd {

@@ -682,32 +682,7 @@ async fn grpc_oversized_vote_is_refused_from_its_prefix() {
     data.extend_from_slice(&SIXTY_MIB.to_be_bytes());
     data.extend_from_slice(&[0u8; 1024]);
     stream.send_data(Bytes::from(data), false).unwrap();
-    let response = tokio::time::timeout(Duration::from_secs(3), response)
-        .await
-        .expect("the server answers before the body arrives")
-        .unwrap();
-    let in_head = response
-        .headers()
-        .get("grpc-status")
-        .map(|s| s.to_str().unwrap().to_string());
-    let status = match in_head {
-        Some(s) => {
-            drop(response);
-            s
-        }
-        None => {
-            let mut body = response.into_body();
-            while let Some(chunk) = body.data().await {
-                let _ = chunk;
-            }
-            let trailers = body.trailers().await.unwrap().unwrap_or_default();
-            trailers
-                .get("grpc-status")
-                .map(|s| s.to_str().unwrap().to_string())
-                .unwrap_or_default()
-        }
-    };
-    assert_eq!(status, "8", "ResourceExhausted");
+    assert_eq!(grpc_status(response).await, "8", "ResourceExhausted");
     let rss_after = vm_rss_kib();
     // Observed: VmRSS delta well under 1 MiB.
     println!(
@@ -717,6 +692,57 @@ async fn grpc_oversized_vote_is_refused_from_its_prefix() {
     assert!(rss_after - rss < 30 << 10, "the server did not buffer the vote");
     drop((stream, send));
     baseline.assert_returned("grpc 60 MiB vote").await;
+    let mut node = node;
+    node.stop().await.unwrap();
+}
+
+/// The gRPC status a call ended with (from the head, or the trailers after the body), waiting
+/// at most 3 s for the head.
+async fn grpc_status(response: h2::client::ResponseFuture) -> String {
+    let response = tokio::time::timeout(Duration::from_secs(3), response)
+        .await
+        .expect("the server answers before the body arrives")
+        .unwrap();
+    if let Some(s) = response.headers().get("grpc-status") {
+        return s.to_str().unwrap().to_string();
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let _ = chunk;
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    trailers
+        .get("grpc-status")
+        .map(|s| s.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+/// On a compressing node, a Vote sent compressed is refused from its message prefix: its
+/// compressed length (a few bytes here) says nothing of what it would inflate to (60 MiB).
+#[cfg(feature = "compression")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_compressed_vote_is_refused_from_its_prefix() {
+    let _serial = SERIAL.lock().await;
+    let net = Net::with(Transport::Grpc, |b| b.compression(raftwire::Compression::zstd()));
+    let node = KvNode::start(1, demo::raft_config(), net.config(1), loopback())
+        .await
+        .unwrap();
+    demo::initialize_alone(&node).await.unwrap();
+    let send = h2_node9(&net, node.addr(), 1).await;
+    let mut send = send.ready().await.unwrap();
+    let mut head = grpc_request(1, "Vote");
+    head.headers_mut()
+        .insert("grpc-encoding", "zstd".parse().unwrap());
+    head.headers_mut()
+        .insert("raftwire-compression", "zstd".parse().unwrap());
+    let (response, mut stream) = send.send_request(head, false).unwrap();
+    let bomb = zstd::bulk::compress(&vec![0u8; SIXTY_MIB as usize], 1).unwrap();
+    let mut data = vec![1u8];
+    data.extend_from_slice(&(bomb.len() as u32).to_be_bytes());
+    data.extend_from_slice(&bomb);
+    stream.send_data(Bytes::from(data), true).unwrap();
+    assert_eq!(grpc_status(response).await, "8", "ResourceExhausted");
+    drop((stream, send));
     let mut node = node;
     node.stop().await.unwrap();
 }

@@ -21,6 +21,9 @@ use super::Kind;
 use crate::config::Compression;
 use crate::error::DecodeError;
 
+/// The largest zstd window a receiver accepts (2^23 = 8 MiB, level 19's).
+const WINDOW_LOG_MAX: u32 = 23;
+
 /// How much output a decompression reserves before any of it is produced.
 const FIRST_RESERVE: usize = 64 << 10;
 
@@ -164,7 +167,17 @@ impl Decompressor {
         }
         let declared = declared as usize;
         let zstd = |code: usize| bad(format!("zstd: {}", zstd_safe::get_error_name(code)));
-        let dctx = self.dctx.get_or_insert_with(DCtx::create);
+        let dctx = match &mut self.dctx {
+            Some(d) => d,
+            none => {
+                let mut d = DCtx::create();
+                // zstd's own buffer follows the frame's window: at most 8 MiB (what level 19,
+                // the highest allowed, uses), not what a hostile frame might declare.
+                d.set_parameter(zstd_safe::DParameter::WindowLogMax(WINDOW_LOG_MAX))
+                    .map_err(zstd)?;
+                none.insert(d)
+            }
+        };
         // A context left mid-frame by an earlier error starts over.
         dctx.reset(zstd_safe::ResetDirective::SessionOnly).map_err(zstd)?;
         // One byte of room past the declared size: a frame that fills it says more than it

@@ -256,22 +256,23 @@ impl<W: SendHalf> Outgoing<W> {
     }
 
     /// Appends `msg` as one frame to `chunks` (compressed where that was negotiated and
-    /// pays) and returns its size as sent.
+    /// pays) and returns its sizes: encoded (what the receiver will hold, which the callers'
+    /// byte windows count) and as sent (what the byte counters count).
     fn encode<C: RaftWireConfig>(
         &mut self,
         request_id: u64,
         msg: &Message<C>,
         max_len: usize,
         chunks: &mut Vec<Bytes>,
-    ) -> Result<usize, FrameError> {
+    ) -> Result<(usize, usize), FrameError> {
         #[cfg(feature = "compression")]
         let start = chunks.len();
         let size = codec::encode(request_id, msg, max_len, chunks)?;
         #[cfg(feature = "compression")]
         if let Some(c) = &mut self.compressor {
-            return c.frame(chunks, start, size);
+            return Ok((size, c.frame(chunks, start, size)?));
         }
-        Ok(size)
+        Ok((size, size))
     }
 
     /// Adds every byte written to `sent`.
@@ -290,9 +291,9 @@ impl<W: SendHalf> Outgoing<W> {
         max_len: usize,
     ) -> Result<usize, WriteError> {
         let mut chunks: Vec<Bytes> = Vec::with_capacity(4);
-        let size = self.encode(request_id, msg, max_len, &mut chunks)?;
+        let (size, wire) = self.encode(request_id, msg, max_len, &mut chunks)?;
         self.send.write_chunks(&mut chunks).await?;
-        self.sent.increment(size as u64);
+        self.sent.increment(wire as u64);
         Ok(size)
     }
 
@@ -303,12 +304,14 @@ impl<W: SendHalf> Outgoing<W> {
         max_len: usize,
     ) -> Result<usize, WriteError> {
         let mut chunks: Vec<Bytes> = Vec::with_capacity(batch.len() * 2);
-        let mut size = 0;
+        let (mut size, mut wire) = (0, 0);
         for (id, msg) in batch {
-            size += self.encode(*id, msg, max_len, &mut chunks)?;
+            let (s, w) = self.encode(*id, msg, max_len, &mut chunks)?;
+            size += s;
+            wire += w;
         }
         self.send.write_chunks(&mut chunks).await?;
-        self.sent.increment(size as u64);
+        self.sent.increment(wire as u64);
         Ok(size)
     }
 
@@ -320,10 +323,10 @@ impl<W: SendHalf> Outgoing<W> {
         max_len: usize,
     ) -> Result<usize, WriteError> {
         let mut chunks: Vec<Bytes> = Vec::with_capacity(5);
-        let size = self.encode(request_id, msg, max_len, &mut chunks)?;
+        let (size, wire) = self.encode(request_id, msg, max_len, &mut chunks)?;
         self.send.write_last(&mut chunks).await?;
         self.finished = true;
-        self.sent.increment(size as u64);
+        self.sent.increment(wire as u64);
         Ok(size)
     }
 

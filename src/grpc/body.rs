@@ -257,7 +257,7 @@ where
     if framer.compressed() {
         request = request
             .header("grpc-encoding", "zstd")
-            .header("grpc-accept-encoding", "zstd");
+            .header(super::COMPRESSION_HEADER, "zstd");
     }
     let request = request
         .body(tonic::body::Body::new(body))

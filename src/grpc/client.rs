@@ -97,9 +97,6 @@ pub(crate) struct Lane {
     dialer: Dialer<Channel>,
     max_message_size: usize,
     max_in_flight_requests: usize,
-    /// Whether unary messages are compressed (zstd) both ways.
-    #[cfg(feature = "compression")]
-    compressed: bool,
     /// How replication and snapshot messages are written (see `body`).
     framer: Framer,
     stats: Stats,
@@ -140,23 +137,15 @@ impl Lane {
             dialer: Dialer::new(addr, config.connect_timeout, stats.clone()),
             max_message_size: config.max_message_size,
             max_in_flight_requests: config.max_in_flight_requests,
-            #[cfg(feature = "compression")]
-            compressed: super::compressed(config),
             framer: Framer::new(config),
             stats,
         }
     }
 
     async fn client(&self) -> Result<RaftClient<Channel>, TransportError> {
-        let client = RaftClient::new(self.channel().await?)
+        Ok(RaftClient::new(self.channel().await?)
             .max_decoding_message_size(self.max_message_size)
-            .max_encoding_message_size(self.max_message_size);
-        #[cfg(feature = "compression")]
-        if self.compressed {
-            let zstd = tonic::codec::CompressionEncoding::Zstd;
-            return Ok(client.send_compressed(zstd).accept_compressed(zstd));
-        }
-        Ok(client)
+            .max_encoding_message_size(self.max_message_size))
     }
 
     /// The current connection, dialled if there is none. Its bytes are counted on the TCP
@@ -213,6 +202,19 @@ impl Lane {
         err
     }
 
+    /// A unary call's request: never compressed, but saying this node's compression setting
+    /// (the server refuses a caller whose setting differs from its own).
+    fn request<T>(&self, msg: T) -> tonic::Request<T> {
+        let mut req = tonic::Request::new(msg);
+        if self.framer.compressed() {
+            req.metadata_mut().insert(
+                super::COMPRESSION_HEADER,
+                tonic::metadata::MetadataValue::from_static("zstd"),
+            );
+        }
+        req
+    }
+
     async fn unary<Resp, F, Fut>(
         &self,
         rpc: RPCTypes,
@@ -247,7 +249,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
         deadline: Duration,
     ) -> BoxFuture<'_, Result<VoteResponse<C>, TransportError>> {
         Box::pin(async move {
-            let msg = convert::vote_request_to_pb(&req);
+            let msg = self.request(convert::vote_request_to_pb(&req));
             let resp = self
                 .unary(RPCTypes::Vote, deadline, |mut c| async move {
                     if pre_vote {
@@ -270,7 +272,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
         deadline: Duration,
     ) -> BoxFuture<'_, Result<AppendEntriesResponse<C>, TransportError>> {
         Box::pin(async move {
-            let msg = convert::append_request_to_pb(&req)?;
+            let msg = self.request(convert::append_request_to_pb(&req)?);
             let resp = self
                 .unary(RPCTypes::AppendEntries, deadline, |mut c| async move {
                     c.append_entries(msg).await
@@ -289,7 +291,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
         deadline: Duration,
     ) -> BoxFuture<'_, Result<TransferLeaderResponse<C>, TransportError>> {
         Box::pin(async move {
-            let msg = convert::transfer_request_to_pb(&req);
+            let msg = self.request(convert::transfer_request_to_pb(&req));
             let resp = self
                 .unary(RPCTypes::TransferLeader, deadline, |mut c| async move {
                     c.transfer_leader(msg).await

@@ -64,6 +64,17 @@ struct Limited {
 
 impl Limited {
     fn refusal(&self, len: usize) -> Status {
+        if len == usize::MAX {
+            tracing::warn!(rpc = self.rpc, "refusing a compressed control request");
+            let mut status = Status::resource_exhausted(format!(
+                "{} request is compressed: control messages never are (their limit is {} bytes)",
+                self.rpc, self.max
+            ));
+            status
+                .metadata_mut()
+                .insert(ERROR_MARK, tonic::metadata::MetadataValue::from_static("1"));
+            return status;
+        }
         tracing::warn!(
             rpc = self.rpc,
             len,
@@ -87,6 +98,11 @@ impl Limited {
             let take = (PREFIX_LEN - self.prefix.len()).min(data.len());
             self.prefix.extend_from_slice(&data[..take]);
             if self.prefix.len() == PREFIX_LEN {
+                // A compressed message's prefix gives its compressed size, which says nothing
+                // of what it inflates to: control messages are never compressed.
+                if self.prefix[0] != 0 {
+                    return Some(usize::MAX);
+                }
                 let announced =
                     u32::from_be_bytes([self.prefix[1], self.prefix[2], self.prefix[3], self.prefix[4]])
                         as usize;

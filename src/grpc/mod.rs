@@ -36,5 +36,9 @@ fn compressed(config: &crate::config::Config) -> bool {
     }
 }
 
+/// Request header every call of a compressing node carries (`zstd`): the server checks it
+/// against its own setting before decoding anything.
+pub(crate) const COMPRESSION_HEADER: &str = "raftwire-compression";
+
 /// Metadata key set on every error status raftwire's server produces itself.
 pub(crate) const ERROR_MARK: &str = "raftwire-error";

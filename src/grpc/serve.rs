@@ -56,14 +56,14 @@ where
     let service = RaftServer::new(super::RaftService::new(service, compressed))
         .max_decoding_message_size(config.max_message_size)
         .max_encoding_message_size(config.max_message_size);
-    // Compressed requests are always decoded, so a caller whose setting differs from this
-    // node's gets the refusal that says so (`RaftService`), not a codec error.
+    // Only replication and snapshot messages travel compressed (written by the client's
+    // `body::Framer`); replies and unary calls never do. A caller whose setting differs is
+    // refused from its `raftwire-compression` header before any message is decoded
+    // (`RaftService::caller`).
     #[cfg(feature = "compression")]
     let service = match compressed {
-        true => service
-            .accept_compressed(tonic::codec::CompressionEncoding::Zstd)
-            .send_compressed(tonic::codec::CompressionEncoding::Zstd),
-        false => service.accept_compressed(tonic::codec::CompressionEncoding::Zstd),
+        true => service.accept_compressed(tonic::codec::CompressionEncoding::Zstd),
+        false => service,
     };
     let control_limit = config.max_control_message_size;
     let router = tonic::transport::Server::builder()

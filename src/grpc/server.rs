@@ -44,8 +44,11 @@ impl<C: RaftWireConfig, SM: RaftStateMachine<C>> RaftService<C, SM> {
     /// its messages are known to be compressed exactly when this node's are: a cluster agrees
     /// on compression, and a caller that differs is refused with `FailedPrecondition`.
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        let encoding = req.metadata().get("grpc-encoding").map(|v| v.as_bytes());
-        let zstd = encoding == Some(b"zstd".as_slice());
+        let said = req
+            .metadata()
+            .get(super::COMPRESSION_HEADER)
+            .map(|v| v.as_bytes());
+        let zstd = said == Some(b"zstd".as_slice());
         if zstd != self.compressed {
             let (who, not) = match self.compressed {
                 true => ("this node", "the caller"),
