@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -74,6 +75,11 @@ pub enum Subject {
     Transport(Transport),
     /// The same bytes over a raw mutual-TLS TCP stream: the floor.
     RawTls,
+    /// The raw TLS stream between two files (snapshots only): the sender reads the snapshot
+    /// file and the receiver writes each snapshot into a fresh file, both through
+    /// `tokio::fs::File` in 1 MiB chunks as the snapshot benchmark's state machine does. The
+    /// floor for a file-to-file snapshot: what the storage costs before any transport.
+    RawTlsFile,
     /// openraft over in-process channels, no encoding, no network: the ceiling.
     InProcess,
     /// The same, with each entry payload encoded, copied into one buffer and decoded again
@@ -87,6 +93,7 @@ impl Subject {
         match self {
             Subject::Transport(t) => t.name(),
             Subject::RawTls => "raw-tls",
+            Subject::RawTlsFile => "raw-tls-file",
             Subject::InProcess => "in-process",
             Subject::InProcessEncoded => "in-process-encoded",
         }
@@ -381,11 +388,12 @@ impl AppendBench {
                 bench.target = AppendTarget::InProcess(router.network(BENCH_LEADER, 1, window));
             }
             Subject::RawTls => {
-                let server = RawTlsServer::start_on(&pki, options.far.as_ref()).await?;
+                let server = RawTlsServer::start_on(&pki, options.far.as_ref(), None).await?;
                 let client = RawTlsClient::connect(&pki, server.addr, window).await?;
                 bench.target = AppendTarget::Raw(client);
                 bench._raw = Some(server);
             }
+            Subject::RawTlsFile => return Err(snapshot_only("append")),
         }
         // Warm up: connections, the follower's first vote change, allocator pools.
         bench.run(4).await?;
@@ -548,10 +556,11 @@ impl RpcBench {
                 bench.follower = Some(follower);
             }
             Subject::RawTls => {
-                let server = RawTlsServer::start(&pki).await?;
+                let server = RawTlsServer::start_on(&pki, None, None).await?;
                 let client = RawTlsClient::connect(&pki, server.addr, 1).await?;
                 bench.raw = Some((server, client));
             }
+            Subject::RawTlsFile => return Err(snapshot_only("rpc")),
             Subject::InProcess | Subject::InProcessEncoded => {
                 let router = InProcessRouter::new(subject);
                 let raft = openraft::Raft::new(
@@ -699,7 +708,9 @@ impl ClusterBench {
                     .map_err(|e| bench_err("initialize")(e.to_string()))?;
                 ClusterNodes::InProcess(rafts)
             }
-            Subject::RawTls => return Err(bench_err("cluster")("no raw-TLS cluster".into())),
+            Subject::RawTls | Subject::RawTlsFile => {
+                return Err(bench_err("cluster")("no raw-TLS cluster".into()));
+            }
         };
         Ok(ClusterBench { nodes, keys })
     }
@@ -1098,12 +1109,14 @@ impl Drop for RawTlsServer {
 const RAW_ALPN: &[u8] = b"raftwire-bench-raw";
 
 impl RawTlsServer {
-    async fn start(pki: &Pki) -> Result<RawTlsServer, BenchError> {
-        Self::start_on(pki, None).await
-    }
-
-    /// Starts the server on loopback, or on the far side of a veth link.
-    async fn start_on(pki: &Pki, far: Option<&Far>) -> Result<RawTlsServer, BenchError> {
+    /// Starts the server on loopback, or on the far side of a veth link. With `files`, each
+    /// empty message starts a fresh file in that directory and every payload is written to it
+    /// before its ack (the file-to-file snapshot floor); without, payloads are discarded.
+    async fn start_on(
+        pki: &Pki,
+        far: Option<&Far>,
+        files: Option<PathBuf>,
+    ) -> Result<RawTlsServer, BenchError> {
         let tls = pki
             .ca
             .tls_config(1)
@@ -1113,12 +1126,16 @@ impl RawTlsServer {
             .map_err(|e| bench_err("raw TLS")(e.to_string()))?;
         let addr = listen_addr(far);
         match far {
-            Some(far) => far.run(Self::serve(config, addr)).await?,
-            None => Self::serve(config, addr).await,
+            Some(far) => far.run(Self::serve(config, addr, files)).await?,
+            None => Self::serve(config, addr, files).await,
         }
     }
 
-    async fn serve(config: rustls::ServerConfig, addr: SocketAddr) -> Result<RawTlsServer, BenchError> {
+    async fn serve(
+        config: rustls::ServerConfig,
+        addr: SocketAddr,
+        files: Option<PathBuf>,
+    ) -> Result<RawTlsServer, BenchError> {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -1129,31 +1146,49 @@ impl RawTlsServer {
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
+                let files = files.clone();
                 tokio::spawn(async move {
                     let _ = tcp.set_nodelay(true);
                     let Ok(stream) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let (mut rd, mut wr) = tokio::io::split(stream);
-                    let mut buf = vec![0u8; 1 << 20];
-                    loop {
-                        let Ok(len) = rd.read_u32().await else { return };
-                        let mut left = len as usize;
-                        while left > 0 {
-                            let n = left.min(buf.len());
-                            if rd.read_exact(&mut buf[..n]).await.is_err() {
-                                return;
-                            }
-                            left -= n;
-                        }
-                        if wr.write_all(&[0u8; 32]).await.is_err() || wr.flush().await.is_err() {
-                            return;
-                        }
-                    }
+                    let _ = Self::echo(stream, files).await;
                 });
             }
         });
         Ok(RawTlsServer { addr, task })
+    }
+
+    /// Reads messages until the stream ends, acking each.
+    async fn echo(
+        stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        files: Option<PathBuf>,
+    ) -> std::io::Result<()> {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut file: Option<tokio::fs::File> = None;
+        loop {
+            let len = rd.read_u32().await? as usize;
+            if len == 0
+                && let Some(dir) = &files
+            {
+                file = Some(tokio::fs::File::from_std(tempfile::tempfile_in(dir)?));
+            }
+            let mut left = len;
+            while left > 0 {
+                let n = left.min(buf.len());
+                rd.read_exact(&mut buf[..n]).await?;
+                if let Some(f) = file.as_mut() {
+                    f.write_all(&buf[..n]).await?;
+                }
+                left -= n;
+            }
+            if let Some(f) = file.as_mut() {
+                f.flush().await?;
+            }
+            wr.write_all(&[0u8; 32]).await?;
+            wr.flush().await?;
+        }
     }
 }
 
@@ -1201,29 +1236,78 @@ impl RawTlsClient {
 
     /// `count` messages of `size` bytes with up to `window` unacknowledged, until every ack.
     async fn pipelined(&mut self, count: usize, size: usize) -> Result<Duration, BenchError> {
+        // The length prefix and the payload go out in one write, as a transport would.
+        let mut frame = Vec::with_capacity(4 + size);
+        frame.extend_from_slice(&(size as u32).to_be_bytes());
+        frame.resize(4 + size, 0x5a);
+        let started = Instant::now();
+        self.windowed(count, RawPayload::Fixed(&frame)).await?;
+        Ok(started.elapsed())
+    }
+
+    /// The whole of `file` in messages of up to `chunk` bytes, read as they are sent, after an
+    /// empty message that tells a file-writing server to start a new file.
+    async fn send_file(
+        &mut self,
+        file: &mut tokio::fs::File,
+        size: u64,
+        chunk: usize,
+    ) -> Result<Duration, BenchError> {
+        let started = Instant::now();
+        self.windowed(1, RawPayload::Fixed(&0u32.to_be_bytes())).await?;
+        self.windowed((size as usize).div_ceil(chunk), RawPayload::File { file, chunk })
+            .await?;
+        Ok(started.elapsed())
+    }
+
+    /// Sends `count` messages with up to `window` unacknowledged, until every ack.
+    async fn windowed(&mut self, count: usize, mut payload: RawPayload<'_>) -> Result<(), BenchError> {
         let io = |e: std::io::Error| bench_err("raw TLS")(e.to_string());
         let stream = self
             .stream
             .as_mut()
             .ok_or_else(|| bench_err("raw TLS")("not connected".into()))?;
-        // The length prefix and the payload go out in one write, as a transport would.
-        let mut frame = Vec::with_capacity(4 + size);
-        frame.extend_from_slice(&(size as u32).to_be_bytes());
-        frame.resize(4 + size, 0x5a);
         let mut ack = [0u8; 32];
-        let started = Instant::now();
         let (mut sent, mut acked) = (0, 0);
         while acked < count {
             while sent < count && sent - acked < self.window {
-                stream.write_all(&frame).await.map_err(io)?;
+                match &mut payload {
+                    RawPayload::Fixed(frame) => stream.write_all(frame).await.map_err(io)?,
+                    RawPayload::File { file, chunk } => {
+                        let data = crate::snapshot::next_chunk(*file, *chunk)
+                            .await
+                            .map_err(io)?
+                            .ok_or_else(|| bench_err("raw TLS")("the file ended early".into()))?;
+                        stream
+                            .write_all(&(data.len() as u32).to_be_bytes())
+                            .await
+                            .map_err(io)?;
+                        stream.write_all(&data).await.map_err(io)?;
+                    }
+                }
                 sent += 1;
             }
             stream.flush().await.map_err(io)?;
             stream.read_exact(&mut ack).await.map_err(io)?;
             acked += 1;
         }
-        Ok(started.elapsed())
+        Ok(())
     }
+}
+
+/// What each message of a raw TLS run carries.
+enum RawPayload<'a> {
+    /// The same length-prefixed frame every time.
+    Fixed(&'a [u8]),
+    /// The next `chunk` bytes of a file.
+    File {
+        file: &'a mut tokio::fs::File,
+        chunk: usize,
+    },
+}
+
+fn snapshot_only(group: &str) -> BenchError {
+    bench_err(group)("the file-to-file raw TLS baseline measures snapshots only".into())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1506,6 +1590,8 @@ enum SnapshotTarget {
     Raw {
         _server: RawTlsServer,
         client: RawTlsClient,
+        /// Read from the snapshot file and written to files on the receiver.
+        with_files: bool,
     },
 }
 
@@ -1585,12 +1671,15 @@ impl SnapshotBench {
                     server: Some(server),
                 }
             }
-            Subject::RawTls => {
-                let server = RawTlsServer::start_on(&pki, far.as_ref()).await?;
+            Subject::RawTls | Subject::RawTlsFile => {
+                let files = (subject == Subject::RawTlsFile).then(|| dir.path().to_path_buf());
+                let with_files = files.is_some();
+                let server = RawTlsServer::start_on(&pki, far.as_ref(), files).await?;
                 let client = RawTlsClient::connect(&pki, server.addr, 64).await?;
                 SnapshotTarget::Raw {
                     _server: server,
                     client,
+                    with_files,
                 }
             }
             Subject::InProcess | Subject::InProcessEncoded => {
@@ -1608,11 +1697,20 @@ impl SnapshotBench {
     /// Sends the whole snapshot once; the time covers the transfer and the receiver's answer.
     pub async fn run(&mut self) -> Result<Duration, BenchError> {
         match &mut self.target {
-            SnapshotTarget::Raw { client, .. } => {
+            SnapshotTarget::Raw {
+                client, with_files, ..
+            } => {
                 let chunk = 1usize << 20;
-                client
-                    .pipelined((self.size as usize).div_ceil(chunk), chunk)
-                    .await
+                if *with_files {
+                    let mut file = tokio::fs::File::open(self.dir.path().join("snapshot"))
+                        .await
+                        .map_err(|e| bench_err("snapshot file")(e.to_string()))?;
+                    client.send_file(&mut file, self.size, chunk).await
+                } else {
+                    client
+                        .pipelined((self.size as usize).div_ceil(chunk), chunk)
+                        .await
+                }
             }
             SnapshotTarget::Net { client, sm, .. } => {
                 let file = tokio::fs::File::open(self.dir.path().join("snapshot"))

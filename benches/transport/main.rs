@@ -362,7 +362,7 @@ fn snapshot(c: &mut Criterion, rt: &tokio::runtime::Runtime) -> BTreeMap<String,
         &[(64 << 20, "64MiB"), (1 << 30, "1GiB")]
     };
     let mut subjects = Subject::transports();
-    subjects.push(Subject::RawTls);
+    subjects.extend([Subject::RawTls, Subject::RawTlsFile]);
     for &(size, label) in sizes {
         for &subject in &subjects {
             if !wanted(&format!("snapshot/{}/{label}", subject.name())) {
@@ -461,16 +461,13 @@ fn veth(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     };
     let mut subjects = Subject::transports();
     subjects.push(Subject::RawTls);
+    let snapshot_subjects: Vec<Subject> = subjects.iter().copied().chain([Subject::RawTlsFile]).collect();
+    let append_id = |s: Subject, size: usize| format!("veth-append/{}/{size}B-w64", s.name());
+    let snapshot_id = |s: Subject| format!("veth-snapshot/{}/64MiB", s.name());
     let ids: Vec<String> = subjects
         .iter()
-        .flat_map(|s| {
-            let mut ids: Vec<String> = sizes
-                .iter()
-                .map(|size| format!("veth-append/{}/{size}B-w64", s.name()))
-                .collect();
-            ids.push(format!("veth-snapshot/{}/64MiB", s.name()));
-            ids
-        })
+        .flat_map(|&s| sizes.iter().map(move |&size| append_id(s, size)))
+        .chain(snapshot_subjects.iter().map(|&s| snapshot_id(s)))
         .collect();
     if !ids.iter().any(|id| wanted(id)) {
         return;
@@ -485,10 +482,10 @@ fn veth(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     let mut group = c.benchmark_group("veth-append");
     for &size in sizes {
         for &subject in &subjects {
-            let parameter = format!("{size}B-w64");
-            if !wanted(&format!("veth-append/{}/{parameter}", subject.name())) {
+            if !wanted(&append_id(subject, size)) {
                 continue;
             }
+            let parameter = format!("{size}B-w64");
             let options = AppendOptions {
                 far: Some(link.far()),
                 ..Default::default()
@@ -507,9 +504,8 @@ fn veth(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     group.finish();
     let mut group = c.benchmark_group("veth-snapshot");
     group.sampling_mode(SamplingMode::Flat).sample_size(10);
-    for &subject in &subjects {
-        let key = format!("veth-snapshot/{}/64MiB", subject.name());
-        if !wanted(&key) {
+    for &subject in &snapshot_subjects {
+        if !wanted(&snapshot_id(subject)) {
             continue;
         }
         let size = 64 << 20;

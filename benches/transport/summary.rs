@@ -389,6 +389,7 @@ fn subject_order(subject: &str) -> (u8, String) {
         "quic" => 1,
         "tcp" => 2,
         "raw-tls" => 8,
+        "raw-tls-file" => 8,
         "in-process" => 9,
         "in-process-encoded" => 10,
         _ => 5,
@@ -423,6 +424,11 @@ fn subject_style(subject: &str) -> SubjectStyle {
             RGBColor(90, 90, 90),
             true,
             "raw-tls (baseline: the wall)".to_string(),
+        ),
+        "raw-tls-file" => (
+            RGBColor(150, 150, 150),
+            true,
+            "raw-tls-file (baseline: the wall with the files)".to_string(),
         ),
         "in-process" => (
             RGBColor(44, 160, 44),
