@@ -1098,6 +1098,8 @@ impl RaftNetworkV2<KvConfig> for InProcessNetwork {
 struct RawTlsServer {
     addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    /// Bytes written into the newest file (file mode), for checking a transfer arrived whole.
+    written: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for RawTlsServer {
@@ -1143,27 +1145,32 @@ impl RawTlsServer {
         let addr = listener
             .local_addr()
             .map_err(|e| bench_err("raw TLS")(e.to_string()))?;
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = written.clone();
         let task = tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
                 let files = files.clone();
+                let count = count.clone();
                 tokio::spawn(async move {
                     let _ = tcp.set_nodelay(true);
                     let Ok(stream) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let _ = Self::echo(stream, files).await;
+                    let _ = Self::echo(stream, files, count).await;
                 });
             }
         });
-        Ok(RawTlsServer { addr, task })
+        Ok(RawTlsServer { addr, task, written })
     }
 
     /// Reads messages until the stream ends, acking each.
     async fn echo(
         stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
         files: Option<PathBuf>,
+        written: Arc<std::sync::atomic::AtomicU64>,
     ) -> std::io::Result<()> {
+        use std::sync::atomic::Ordering;
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut buf = vec![0u8; 1 << 20];
         let mut file: Option<tokio::fs::File> = None;
@@ -1173,6 +1180,7 @@ impl RawTlsServer {
                 && let Some(dir) = &files
             {
                 file = Some(tokio::fs::File::from_std(tempfile::tempfile_in(dir)?));
+                written.store(0, Ordering::Relaxed);
             }
             let mut left = len;
             while left > 0 {
@@ -1180,6 +1188,7 @@ impl RawTlsServer {
                 rd.read_exact(&mut buf[..n]).await?;
                 if let Some(f) = file.as_mut() {
                     f.write_all(&buf[..n]).await?;
+                    written.fetch_add(n as u64, Ordering::Relaxed);
                 }
                 left -= n;
             }
@@ -1588,7 +1597,7 @@ enum SnapshotTarget {
     },
     /// The server is held only to keep it running.
     Raw {
-        _server: RawTlsServer,
+        server: RawTlsServer,
         client: RawTlsClient,
         /// Read from the snapshot file and written to files on the receiver.
         with_files: bool,
@@ -1677,7 +1686,7 @@ impl SnapshotBench {
                 let server = RawTlsServer::start_on(&pki, far.as_ref(), files).await?;
                 let client = RawTlsClient::connect(&pki, server.addr, 64).await?;
                 SnapshotTarget::Raw {
-                    _server: server,
+                    server,
                     client,
                     with_files,
                 }
@@ -1698,14 +1707,24 @@ impl SnapshotBench {
     pub async fn run(&mut self) -> Result<Duration, BenchError> {
         match &mut self.target {
             SnapshotTarget::Raw {
-                client, with_files, ..
+                server,
+                client,
+                with_files,
             } => {
                 let chunk = 1usize << 20;
                 if *with_files {
                     let mut file = tokio::fs::File::open(self.dir.path().join("snapshot"))
                         .await
                         .map_err(|e| bench_err("snapshot file")(e.to_string()))?;
-                    client.send_file(&mut file, self.size, chunk).await
+                    let elapsed = client.send_file(&mut file, self.size, chunk).await?;
+                    let written = server.written.load(std::sync::atomic::Ordering::Relaxed);
+                    if written != self.size {
+                        return Err(bench_err("snapshot")(format!(
+                            "{written} of {} bytes written on the raw receiver",
+                            self.size
+                        )));
+                    }
+                    Ok(elapsed)
                 } else {
                     client
                         .pipelined((self.size as usize).div_ceil(chunk), chunk)

@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::Cluster;
 use common::applied;
+use common::learner_via_snapshot;
 use common::loopback;
 use common::snapshot_and_purge;
 use common::write_many;
@@ -105,17 +106,7 @@ async fn snapshot_in_chunks_reaches_learner_after_purge(transport: Transport) {
     let net = common::Net::with(transport, move |b| b.snapshot_chunk_size(chunk));
     let mut c = Cluster::voters_with(net, 3).await;
     let upto = snapshot_and_purge(&c, 200, 16 << 10).await;
-    let n4 = KvNode::start(4, demo::raft_config(), c.net.config(4), loopback())
-        .await
-        .unwrap();
-    let leader = c.await_leader(1, None).await;
-    c.node(leader).raft.add_learner(4, n4.node(), true).await.unwrap();
-    demo::await_applied(&n4, upto).await.unwrap();
-    assert_eq!(
-        n4.sm.snapshots_installed(),
-        1,
-        "learner caught up without a snapshot"
-    );
+    let (n4, leader) = learner_via_snapshot(&c, upto).await;
     assert_eq!(n4.sm.dump(), c.node(1).sm.dump());
     // The learner installs before the leader reads the reply: give the reply a moment.
     let mut stats = c.node(leader).network.stats();
@@ -309,13 +300,7 @@ async fn small_message_limit_splits_batches_and_caps_snapshot_chunks(transport: 
         c.await_applied(id, upto).await;
         assert_eq!(c.node(id).sm.dump(), c.node(1).sm.dump());
     }
-    let n4 = KvNode::start(4, demo::raft_config(), c.net.config(4), loopback())
-        .await
-        .unwrap();
-    let leader = c.await_leader(1, None).await;
-    c.node(leader).raft.add_learner(4, n4.node(), true).await.unwrap();
-    demo::await_applied(&n4, upto).await.unwrap();
-    assert_eq!(n4.sm.snapshots_installed(), 1, "the learner got a snapshot");
+    let (n4, _) = learner_via_snapshot(&c, upto).await;
     assert_eq!(n4.sm.dump(), c.node(1).sm.dump());
     c.nodes.insert(4, n4);
     c.shutdown().await;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::Cluster;
 use common::Net;
+use common::learner_via_snapshot;
 use common::loopback;
 use common::snapshot_and_purge;
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -62,17 +63,7 @@ async fn large_writes_and_snapshots_travel_compressed(transport: Transport) {
     let net = Net::with(transport, |b| b.compression(Compression::zstd()));
     let mut c = Cluster::voters_with(net, 3).await;
     let upto = snapshot_and_purge(&c, 200, 16 << 10).await;
-    let n4 = KvNode::start(4, demo::raft_config(), c.net.config(4), loopback())
-        .await
-        .unwrap();
-    let leader = c.await_leader(1, None).await;
-    c.node(leader).raft.add_learner(4, n4.node(), true).await.unwrap();
-    demo::await_applied(&n4, upto).await.unwrap();
-    assert_eq!(
-        n4.sm.snapshots_installed(),
-        1,
-        "learner caught up without a snapshot"
-    );
+    let (n4, _) = learner_via_snapshot(&c, upto).await;
     let data = c.node(1).sm.dump();
     assert_eq!(data.len(), 200);
     assert_eq!(n4.sm.dump(), data);

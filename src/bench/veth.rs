@@ -80,16 +80,49 @@ fn ip(args: &[&str]) -> Result<(), String> {
     ))
 }
 
+/// Removes the namespaces and links an earlier run left behind when it was killed before its
+/// `Drop` ran (`rwbench-<pid>` / `rwb<pid>` of a process that no longer exists): a stale
+/// link still holding 198.18.0.1/30 would route this run's traffic into nowhere.
+fn remove_stale() {
+    let dead =
+        |pid: &str| pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let names = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for ns in names("/var/run/netns") {
+        if let Some(pid) = ns.strip_prefix("rwbench-")
+            && dead(pid)
+        {
+            // Deleting the namespace deletes the far end, and with it the pair.
+            let _ = ip(&["netns", "del", &ns]);
+        }
+    }
+    for link in names("/sys/class/net") {
+        if let Some(pid) = link.strip_prefix("rwb")
+            && dead(pid)
+        {
+            let _ = ip(&["link", "del", &link]);
+        }
+    }
+}
+
 impl Veth {
     /// Makes the namespace (`rwbench-<pid>`), the pair (`rwb<pid>` here at 198.18.0.1/30,
     /// its peer inside at 198.18.0.2/30: the range RFC 2544 sets aside for benchmarks) and
     /// the runtime. `Err` says why not (not root, no `ip`, no namespaces); whatever was made
-    /// is removed again.
+    /// is removed again, and so is what killed earlier runs left.
     pub fn create() -> Result<Veth, String> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err("not running as root".into());
         }
+        remove_stale();
         let pid = std::process::id();
         let ns = format!("rwbench-{pid}");
         let host_if = format!("rwb{}", pid % 10_000_000);

@@ -11,7 +11,7 @@ use http_body::Frame;
 use tonic::Status;
 use tonic::body::Body;
 
-use super::ERROR_MARK;
+use super::marked;
 
 /// The unary control methods: small requests only.
 const CONTROL_PATHS: [&str; 3] = [
@@ -66,14 +66,10 @@ impl Limited {
     fn refusal(&self, len: usize) -> Status {
         if len == usize::MAX {
             tracing::warn!(rpc = self.rpc, "refusing a compressed control request");
-            let mut status = Status::resource_exhausted(format!(
+            return marked(Status::resource_exhausted(format!(
                 "{} request is compressed: control messages never are (their limit is {} bytes)",
                 self.rpc, self.max
-            ));
-            status
-                .metadata_mut()
-                .insert(ERROR_MARK, tonic::metadata::MetadataValue::from_static("1"));
-            return status;
+            )));
         }
         tracing::warn!(
             rpc = self.rpc,
@@ -81,14 +77,10 @@ impl Limited {
             max = self.max,
             "refusing an oversized control request (max_control_message_size)"
         );
-        let mut status = Status::resource_exhausted(format!(
+        marked(Status::resource_exhausted(format!(
             "{} request of {len} bytes exceeds the limit of {} bytes for control messages",
             self.rpc, self.max
-        ));
-        status
-            .metadata_mut()
-            .insert(ERROR_MARK, tonic::metadata::MetadataValue::from_static("1"));
-        status
+        )))
     }
 
     /// Checks a data frame; the announced or received length when it breaks the limit.

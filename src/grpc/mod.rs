@@ -42,3 +42,11 @@ pub(crate) const COMPRESSION_HEADER: &str = "raftwire-compression";
 
 /// Metadata key set on every error status raftwire's server produces itself.
 pub(crate) const ERROR_MARK: &str = "raftwire-error";
+
+/// Marks a status as raftwire's own answer, so the client tells it from a broken connection.
+pub(crate) fn marked(mut status: tonic::Status) -> tonic::Status {
+    status
+        .metadata_mut()
+        .insert(ERROR_MARK, tonic::metadata::MetadataValue::from_static("1"));
+    status
+}

@@ -14,6 +14,7 @@ use tonic::Status;
 use tonic::Streaming;
 
 use super::ERROR_MARK;
+use super::marked;
 use super::convert;
 use super::pb;
 use super::serve::ConnInfo;
@@ -65,14 +66,6 @@ impl<C: RaftWireConfig, SM: RaftStateMachine<C>> RaftService<C, SM> {
             addr: conn.map_or_else(|| ([0, 0, 0, 0], 0).into(), |c| c.addr),
         })
     }
-}
-
-/// Marks a status as raftwire's own answer, so the client tells it from a broken connection.
-fn marked(mut status: Status) -> Status {
-    status
-        .metadata_mut()
-        .insert(ERROR_MARK, tonic::metadata::MetadataValue::from_static("1"));
-    status
 }
 
 /// The gRPC status of a refusal.

@@ -178,6 +178,24 @@ pub async fn snapshot_and_purge(c: &Cluster, n: u64, size: usize) -> u64 {
     upto
 }
 
+/// Starts node 4, adds it as a learner through the current leader and waits until it has
+/// applied `upto`, which it must have got from exactly one snapshot (the log was purged).
+/// Returns the learner and the leader that added it.
+pub async fn learner_via_snapshot(c: &Cluster, upto: u64) -> (KvNode, u64) {
+    let n4 = KvNode::start(4, demo::raft_config(), c.net.config(4), loopback())
+        .await
+        .unwrap();
+    let leader = c.await_leader(1, None).await;
+    c.node(leader).raft.add_learner(4, n4.node(), true).await.unwrap();
+    demo::await_applied(&n4, upto).await.unwrap();
+    assert_eq!(
+        n4.sm.snapshots_installed(),
+        1,
+        "learner caught up without a snapshot"
+    );
+    (n4, leader)
+}
+
 /// Declares one `#[tokio::test]` per transport for each listed scenario `async fn(Transport)`.
 #[macro_export]
 macro_rules! on_every_transport {
