@@ -42,6 +42,16 @@ pub(crate) struct Compressor {
     cctx: Option<CCtx<'static>>,
 }
 
+impl std::fmt::Debug for Compressor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Compressor")
+            .field("level", &self.level)
+            .field("min_size", &self.min_size)
+            .field("context", &self.cctx.is_some())
+            .finish()
+    }
+}
+
 impl Compressor {
     /// `None` when `setting` compresses nothing.
     pub(crate) fn new(setting: Compression) -> Option<Self> {
@@ -73,7 +83,7 @@ impl Compressor {
             _ => return Ok(size),
         };
         let compressed = self
-            .compress(&out[start..], body_len)
+            .compress(&out[start..], HEADER_LEN, body_len)
             .map_err(|code| FrameError::Compression {
                 kind: header.kind,
                 reason: format!("zstd compression failed: {}", zstd_safe::get_error_name(code)),
@@ -93,9 +103,20 @@ impl Compressor {
         Ok(HEADER_LEN + len)
     }
 
-    /// The frame's body (the chunks after the header) compressed behind an 18-byte gap for
-    /// the header; `None` when that is no smaller.
-    fn compress(&mut self, chunks: &[Bytes], body_len: usize) -> Result<Option<Vec<u8>>, usize> {
+    /// Bodies shorter than this are sent as they are.
+    pub(crate) fn min_size(&self) -> usize {
+        self.min_size
+    }
+
+    /// The `body_len` bytes of `chunks` after their first `gap` bytes (a header the caller
+    /// rewrites) compressed into one buffer that starts with a `gap`-byte hole for that
+    /// header; `None` when that is no smaller. The chunks are read in place, never joined.
+    pub(crate) fn compress(
+        &mut self,
+        chunks: &[Bytes],
+        gap: usize,
+        body_len: usize,
+    ) -> Result<Option<Vec<u8>>, usize> {
         let level = self.level;
         let cctx = match &mut self.cctx {
             Some(c) => c,
@@ -108,11 +129,13 @@ impl Compressor {
         // A context left mid-frame by an earlier failure starts over.
         cctx.reset(zstd_safe::ResetDirective::SessionOnly)?;
         cctx.set_pledged_src_size(Some(body_len as u64))?;
-        let mut dst = vec![0u8; HEADER_LEN];
+        let mut dst = vec![0u8; gap];
         dst.reserve(zstd_safe::compress_bound(body_len));
-        let mut output = OutBuffer::around_pos(&mut dst, HEADER_LEN);
-        for (i, chunk) in chunks.iter().enumerate() {
-            let src = if i == 0 { &chunk[HEADER_LEN..] } else { &chunk[..] };
+        let mut output = OutBuffer::around_pos(&mut dst, gap);
+        let mut skip = gap;
+        for chunk in chunks {
+            let src = &chunk[skip.min(chunk.len())..];
+            skip -= skip.min(chunk.len());
             let mut input = InBuffer::around(src);
             while input.pos() < src.len() {
                 cctx.compress_stream2(&mut output, &mut input, ZSTD_EndDirective::ZSTD_e_continue)?;
@@ -121,7 +144,7 @@ impl Compressor {
         let mut empty = InBuffer::around(&[]);
         while cctx.compress_stream2(&mut output, &mut empty, ZSTD_EndDirective::ZSTD_e_end)? != 0 {}
         let written = output.pos();
-        Ok((written - HEADER_LEN < body_len).then(|| {
+        Ok((written - gap < body_len).then(|| {
             dst.truncate(written);
             dst
         }))

@@ -39,12 +39,28 @@ const PREFIX_LEN: usize = 5;
 /// One gRPC message as chunks, ready for the body.
 pub(crate) type Chunks = Vec<Bytes>;
 
-/// How a connection's messages are written: the size limit and the compression setting.
-#[derive(Debug, Clone, Copy)]
+/// How one stream's messages are written: the size limit and, where the cluster compresses,
+/// the stream's own zstd compressor (its context made on first use, kept for the stream).
+/// A clone has the same settings and a compressor of its own.
+#[derive(Debug)]
 pub(crate) struct Framer {
     max: usize,
     #[cfg(feature = "compression")]
     compression: crate::config::Compression,
+    #[cfg(feature = "compression")]
+    zstd: Option<crate::codec::Compressor>,
+}
+
+impl Clone for Framer {
+    fn clone(&self) -> Self {
+        Framer {
+            max: self.max,
+            #[cfg(feature = "compression")]
+            compression: self.compression,
+            #[cfg(feature = "compression")]
+            zstd: crate::codec::Compressor::new(self.compression),
+        }
+    }
 }
 
 impl Framer {
@@ -53,7 +69,14 @@ impl Framer {
             max: config.max_message_size,
             #[cfg(feature = "compression")]
             compression: config.compression,
+            #[cfg(feature = "compression")]
+            zstd: crate::codec::Compressor::new(config.compression),
         }
+    }
+
+    /// The largest message (before compression) this framer writes.
+    pub(crate) fn max(&self) -> usize {
+        self.max
     }
 
     /// Whether messages may be sent compressed (and the requests say `grpc-encoding: zstd`).
@@ -64,10 +87,9 @@ impl Framer {
         false
     }
 
-    /// `msg` as one gRPC message, its entry payloads uncopied.
-    pub(crate) fn append(&self, msg: &pb::AppendEntriesRequest) -> Result<Chunks, Status> {
-        let len = self.check(msg.encoded_len())?;
-        let mut w = Writer::new(len);
+    /// `msg`, whose encoded length is `len`, as one gRPC message, its entry payloads uncopied.
+    pub(crate) fn append(&mut self, msg: &pb::AppendEntriesRequest, len: usize) -> Result<Chunks, Status> {
+        let mut w = Writer::new(self.check(len)?);
         // Fields 1 and 2, then the entries (3), then field 4: prost's order.
         let head = pb::AppendEntriesRequest {
             vote: msg.vote,
@@ -103,9 +125,8 @@ impl Framer {
     }
 
     /// `chunk` as one gRPC message, its snapshot data uncopied.
-    pub(crate) fn snapshot(&self, chunk: &pb::SnapshotChunk) -> Result<Chunks, Status> {
-        let len = self.check(chunk.encoded_len())?;
-        let mut w = Writer::new(len);
+    pub(crate) fn snapshot(&mut self, chunk: &pb::SnapshotChunk) -> Result<Chunks, Status> {
+        let mut w = Writer::new(self.check(chunk.encoded_len())?);
         match &chunk.kind {
             Some(pb::snapshot_chunk::Kind::Data(data)) if data.len() >= INLINE_MAX => {
                 w.key_len(2, data.len());
@@ -127,37 +148,37 @@ impl Framer {
         Ok(len)
     }
 
-    fn finish(&self, w: Writer) -> Result<Chunks, Status> {
+    fn finish(&mut self, w: Writer) -> Result<Chunks, Status> {
         let chunks = w.finish();
         #[cfg(feature = "compression")]
-        if let crate::config::Compression::Zstd { level, min_size } = self.compression {
-            return compress(chunks, level, min_size);
+        if let Some(zstd) = &mut self.zstd {
+            return compress(zstd, chunks);
         }
         Ok(chunks)
     }
 }
 
 /// The message behind `chunks` (its prefix first) compressed with zstd, when it has at least
-/// `min_size` bytes and compressing makes it smaller; else `chunks` as they are.
+/// the compressor's minimum size and compressing makes it smaller; else `chunks` as they are.
 #[cfg(feature = "compression")]
-fn compress(chunks: Chunks, level: i32, min_size: usize) -> Result<Chunks, Status> {
+fn compress(zstd: &mut crate::codec::Compressor, chunks: Chunks) -> Result<Chunks, Status> {
     let len: usize = chunks.iter().map(Bytes::len).sum::<usize>() - PREFIX_LEN;
-    if len < min_size {
+    if len < zstd.min_size() {
         return Ok(chunks);
     }
-    let mut plain = Vec::with_capacity(len);
-    for (i, c) in chunks.iter().enumerate() {
-        plain.extend_from_slice(if i == 0 { &c[PREFIX_LEN..] } else { c });
+    match zstd.compress(&chunks, PREFIX_LEN, len) {
+        Err(code) => Err(Status::internal(format!(
+            "zstd compression failed: {}",
+            zstd::zstd_safe::get_error_name(code)
+        ))),
+        Ok(None) => Ok(chunks),
+        Ok(Some(mut packed)) => {
+            let packed_len = (packed.len() - PREFIX_LEN) as u32;
+            packed[0] = 1;
+            packed[1..PREFIX_LEN].copy_from_slice(&packed_len.to_be_bytes());
+            Ok(vec![Bytes::from(packed)])
+        }
     }
-    let packed = zstd::bulk::compress(&plain, level)
-        .map_err(|e| Status::internal(format!("zstd compression failed: {e}")))?;
-    if packed.len() >= len {
-        return Ok(chunks);
-    }
-    let mut prefix = BytesMut::with_capacity(PREFIX_LEN);
-    prefix.put_u8(1);
-    prefix.put_u32(packed.len() as u32);
-    Ok(vec![prefix.freeze(), Bytes::from(packed)])
 }
 
 /// Writes one message: fixed fields accumulate in a buffer, large payloads become chunks.
@@ -323,6 +344,8 @@ mod tests {
             max: 64 << 20,
             #[cfg(feature = "compression")]
             compression: crate::config::Compression::Off,
+            #[cfg(feature = "compression")]
+            zstd: None,
         }
     }
 
@@ -348,7 +371,7 @@ mod tests {
                 index: 9,
             }),
         };
-        let chunks = framer().append(&msg).unwrap();
+        let chunks = framer().append(&msg, msg.encoded_len()).unwrap();
         let wire = concat(&chunks);
         let len = msg.encoded_len();
         assert_eq!(&wire[..PREFIX_LEN], &[0, 0, 0, (len >> 8) as u8, len as u8][..]);
@@ -381,21 +404,30 @@ mod tests {
     #[cfg(feature = "compression")]
     #[test]
     fn large_compressible_messages_are_compressed_and_small_ones_not() {
-        let framer = Framer {
-            compression: crate::config::Compression::Zstd {
-                level: 1,
-                min_size: 4096,
-            },
+        let compression = crate::config::Compression::Zstd {
+            level: 1,
+            min_size: 4096,
+        };
+        let mut framer = Framer {
+            compression,
+            zstd: crate::codec::Compressor::new(compression),
             ..framer()
         };
         let chunk = |n: usize| pb::SnapshotChunk {
             kind: Some(pb::snapshot_chunk::Kind::Data(Bytes::from(vec![9u8; n]))),
         };
-        let packed = framer.snapshot(&chunk(100_000)).unwrap();
-        let wire = concat(&packed);
-        assert_eq!(wire[0], 1, "compressed flag");
-        let unpacked = zstd::bulk::decompress(&wire[PREFIX_LEN..], 200_000).unwrap();
-        assert_eq!(unpacked, chunk(100_000).encode_to_vec());
+        // Several messages through one context, and through a clone's own.
+        let mut twin = framer.clone();
+        for own in [true, false, true] {
+            let framer = if own { &mut framer } else { &mut twin };
+            let packed = framer.snapshot(&chunk(100_000)).unwrap();
+            let wire = concat(&packed);
+            assert_eq!(wire[0], 1, "compressed flag");
+            let declared = u32::from_be_bytes(wire[1..PREFIX_LEN].try_into().unwrap()) as usize;
+            assert_eq!(declared, wire.len() - PREFIX_LEN);
+            let unpacked = zstd::bulk::decompress(&wire[PREFIX_LEN..], 200_000).unwrap();
+            assert_eq!(unpacked, chunk(100_000).encode_to_vec());
+        }
         let small = concat(&framer.snapshot(&chunk(100)).unwrap());
         assert_eq!(small[0], 0);
         assert_eq!(&small[PREFIX_LEN..], &chunk(100).encode_to_vec()[..]);

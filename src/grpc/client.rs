@@ -321,9 +321,12 @@ impl<C: RaftWireConfig> Link<C> for Lane {
             // The call is opened lazily, when the pipeline first waits for a reply: by then the
             // first request is queued, so headers and data leave together and a one-request
             // session (a heartbeat) costs one round trip, not two.
-            let framer = self.framer;
-            let call =
-                body::open::<pb::StreamAppendReply>(channel, STREAM_APPEND, RequestBody::new(rx), framer);
+            let call = body::open::<pb::StreamAppendReply>(
+                channel,
+                STREAM_APPEND,
+                RequestBody::new(rx),
+                self.framer.clone(),
+            );
             let replies = futures::stream::once(call).flat_map(move |opened| match opened {
                 Ok(replies) => replies
                     .map(move |r| match r {
@@ -336,8 +339,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
             });
             let sink = ChannelSink {
                 tx: Some(tx),
-                framer: self.framer,
-                max: self.max_message_size,
+                framer: self.framer.clone(),
             };
             let session = pipeline::run(
                 input,
@@ -373,7 +375,8 @@ impl<C: RaftWireConfig> Link<C> for Lane {
     ) -> BoxFuture<'s, Result<Box<dyn SnapshotUpload<C> + 's>, TransportError>> {
         Box::pin(async move {
             let header = convert::snapshot_header_to_pb::<C>(&vote, &meta)?;
-            let first = snapshot_message(self.framer, pb::snapshot_chunk::Kind::Header(header))?;
+            let mut framer = self.framer.clone();
+            let first = snapshot_message(&mut framer, pb::snapshot_chunk::Kind::Header(header))?;
             let channel = self.channel().await?;
             // Two chunks in flight, and a slot kept for the abort marker.
             let (tx, rx) = mpsc::channel::<Result<Chunks, Status>>(3);
@@ -381,13 +384,13 @@ impl<C: RaftWireConfig> Link<C> for Lane {
             // The channel is empty and open: this cannot wait.
             let _ = tx.try_send(Ok(first));
             // The call runs as a task so chunks flow while we read the next one.
-            let framer = self.framer;
+            let settings = framer.clone();
             let call = tokio::spawn(async move {
                 let mut replies = body::open::<pb::SnapshotResponse>(
                     channel,
                     INSTALL_SNAPSHOT,
                     RequestBody::new(rx),
-                    framer,
+                    settings,
                 )
                 .await?;
                 match replies.message().await? {
@@ -398,7 +401,7 @@ impl<C: RaftWireConfig> Link<C> for Lane {
             let upload: Box<dyn SnapshotUpload<C> + 's> = Box::new(Upload {
                 lane: self,
                 tx: Some(tx),
-                framer: self.framer,
+                framer,
                 abort,
                 call: Some(call),
             });
@@ -408,13 +411,18 @@ impl<C: RaftWireConfig> Link<C> for Lane {
 }
 
 /// One part of a snapshot upload as its gRPC message.
-fn snapshot_message(framer: Framer, kind: pb::snapshot_chunk::Kind) -> Result<Chunks, TransportError> {
+fn snapshot_message(framer: &mut Framer, kind: pb::snapshot_chunk::Kind) -> Result<Chunks, TransportError> {
     framer
         .snapshot(&pb::SnapshotChunk { kind: Some(kind) })
-        .map_err(|status| TransportError::Broken {
-            rpc: RPCTypes::InstallSnapshot,
-            reason: status.message().to_string(),
-        })
+        .map_err(unframed(RPCTypes::InstallSnapshot))
+}
+
+/// A message our own framer refused to write (over the limit, or compression failed).
+fn unframed(rpc: RPCTypes) -> impl FnOnce(Status) -> TransportError {
+    move |status| TransportError::Broken {
+        rpc,
+        reason: status.message().to_string(),
+    }
 }
 
 type UploadCall = tokio::task::JoinHandle<Result<pb::SnapshotResponse, Status>>;
@@ -454,7 +462,7 @@ impl Upload<'_> {
     }
 
     async fn push(&mut self, kind: pb::snapshot_chunk::Kind) -> Result<(), TransportError> {
-        let chunks = snapshot_message(self.framer, kind)?;
+        let chunks = snapshot_message(&mut self.framer, kind)?;
         let sent = match &self.tx {
             Some(tx) => tx.send(Ok(chunks)).await.is_ok(),
             None => false,
@@ -534,19 +542,14 @@ impl Drop for Upload<'_> {
 struct ChannelSink {
     tx: Option<mpsc::Sender<Result<Chunks, Status>>>,
     framer: Framer,
-    max: usize,
 }
 
 impl<C: RaftWireConfig> RequestSink<C> for ChannelSink {
     async fn send(&mut self, req: AppendEntriesRequest<C>) -> Result<usize, SendError<C>> {
         let msg = convert::append_request_to_pb(&req)?;
-        let size = msg.encoded_len();
-        if size > self.max {
-            return Err(SendError::TooLarge {
-                req,
-                size,
-                max: self.max,
-            });
+        let (size, max) = (msg.encoded_len(), self.framer.max());
+        if size > max {
+            return Err(SendError::TooLarge { req, size, max });
         }
         let closed = || TransportError::Broken {
             rpc: RPCTypes::AppendEntries,
@@ -554,11 +557,8 @@ impl<C: RaftWireConfig> RequestSink<C> for ChannelSink {
         };
         let chunks = self
             .framer
-            .append(&msg)
-            .map_err(|status| TransportError::Broken {
-                rpc: RPCTypes::AppendEntries,
-                reason: status.message().to_string(),
-            })?;
+            .append(&msg, size)
+            .map_err(unframed(RPCTypes::AppendEntries))?;
         let tx = self.tx.as_ref().ok_or_else(closed)?;
         tx.send(Ok(chunks)).await.map_err(|_| closed())?;
         Ok(size)

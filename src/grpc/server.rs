@@ -14,8 +14,8 @@ use tonic::Status;
 use tonic::Streaming;
 
 use super::ERROR_MARK;
-use super::marked;
 use super::convert;
+use super::marked;
 use super::pb;
 use super::serve::ConnInfo;
 use crate::error::DecodeError;
