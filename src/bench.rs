@@ -5,9 +5,11 @@
 //! - [`AppendBench`]: pipelined AppendEntries to one follower;
 //! - [`RpcBench`]: one vote or one heartbeat round trip;
 //! - [`ClusterBench`]: client writes on a 3-node cluster, with per-write commit latency;
+//! - [`SnapshotBench`]: one whole snapshot, file to file;
 //! - the baselines: [`Subject::RawTls`], the same bytes over a raw mutual-TLS TCP stream (the
-//!   floor a transport cannot beat), and [`Subject::InProcess`], openraft talking to itself
-//!   over in-process channels (openraft's ceiling without a network).
+//!   floor a transport cannot beat), [`Subject::RawTlsFile`], that stream between two files
+//!   (the floor for snapshots, storage included), and [`Subject::InProcess`], openraft
+//!   talking to itself over in-process channels (openraft's ceiling without a network).
 
 use std::collections::BTreeSet;
 use std::collections::HashMap;
