@@ -79,7 +79,8 @@ pub enum Subject {
     RawTls,
     /// The raw TLS stream between two files (snapshots only): the sender reads the snapshot
     /// file and the receiver writes each snapshot into a fresh file, both through
-    /// `tokio::fs::File` in 1 MiB chunks as the snapshot benchmark's state machine does. The
+    /// `tokio::fs::File` in 1 MiB chunks, each chunk handed over as it arrives and one flush at
+    /// the end, as raftwire's snapshot receiver writes the benchmark state machine's files. The
     /// floor for a file-to-file snapshot: what the storage costs before any transport.
     RawTlsFile,
     /// openraft over in-process channels, no encoding, no network: the ceiling.
@@ -1159,15 +1160,18 @@ impl RawTlsServer {
                     let Ok(stream) = acceptor.accept(tcp).await else {
                         return;
                     };
-                    let _ = Self::echo(stream, files, count).await;
+                    let _ = Self::absorb(stream, files, count).await;
                 });
             }
         });
         Ok(RawTlsServer { addr, task, written })
     }
 
-    /// Reads messages until the stream ends, acking each.
-    async fn echo(
+    /// Reads messages until the stream ends, acking each. With `files`, data goes into a file
+    /// the way the snapshot receiver writes it (each chunk handed to `tokio::fs` as it arrives,
+    /// one flush at the end): the first data message after an empty one starts a new file,
+    /// an empty message flushes and closes the current one before its ack.
+    async fn absorb(
         stream: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
         files: Option<PathBuf>,
         written: Arc<std::sync::atomic::AtomicU64>,
@@ -1178,11 +1182,13 @@ impl RawTlsServer {
         let mut file: Option<tokio::fs::File> = None;
         loop {
             let len = rd.read_u32().await? as usize;
-            if len == 0
-                && let Some(dir) = &files
-            {
+            if len == 0 {
+                if let Some(mut done) = file.take() {
+                    done.flush().await?;
+                }
+            } else if let Some(dir) = files.as_ref().filter(|_| file.is_none()) {
                 file = Some(tokio::fs::File::from_std(tempfile::tempfile_in(dir)?));
-                written.store(0, Ordering::Relaxed);
+                written.store(0, Ordering::Release);
             }
             let mut left = len;
             while left > 0 {
@@ -1190,12 +1196,9 @@ impl RawTlsServer {
                 rd.read_exact(&mut buf[..n]).await?;
                 if let Some(f) = file.as_mut() {
                     f.write_all(&buf[..n]).await?;
-                    written.fetch_add(n as u64, Ordering::Relaxed);
+                    written.fetch_add(n as u64, Ordering::Release);
                 }
                 left -= n;
-            }
-            if let Some(f) = file.as_mut() {
-                f.flush().await?;
             }
             wr.write_all(&[0u8; 32]).await?;
             wr.flush().await?;
@@ -1256,8 +1259,9 @@ impl RawTlsClient {
         Ok(started.elapsed())
     }
 
-    /// The whole of `file` in messages of up to `chunk` bytes, read as they are sent, after an
-    /// empty message that tells a file-writing server to start a new file.
+    /// The whole of `file` in messages of up to `chunk` bytes, read as they are sent, then an
+    /// empty message that has a file-writing server flush and close its file before the last
+    /// ack.
     async fn send_file(
         &mut self,
         file: &mut tokio::fs::File,
@@ -1265,9 +1269,9 @@ impl RawTlsClient {
         chunk: usize,
     ) -> Result<Duration, BenchError> {
         let started = Instant::now();
-        self.windowed(1, RawPayload::Fixed(&0u32.to_be_bytes())).await?;
         self.windowed((size as usize).div_ceil(chunk), RawPayload::File { file, chunk })
             .await?;
+        self.windowed(1, RawPayload::Fixed(&0u32.to_be_bytes())).await?;
         Ok(started.elapsed())
     }
 
@@ -1289,11 +1293,12 @@ impl RawTlsClient {
                             .await
                             .map_err(io)?
                             .ok_or_else(|| bench_err("raw TLS")("the file ended early".into()))?;
+                        // The length prefix and the chunk in one write, as a transport would.
+                        let prefix = (data.len() as u32).to_be_bytes();
                         stream
-                            .write_all(&(data.len() as u32).to_be_bytes())
+                            .write_all_buf(&mut bytes::Buf::chain(&prefix[..], &data[..]))
                             .await
                             .map_err(io)?;
-                        stream.write_all(&data).await.map_err(io)?;
                     }
                 }
                 sent += 1;
@@ -1597,7 +1602,7 @@ enum SnapshotTarget {
         sm: BlobStateMachine,
         server: Option<crate::Server>,
     },
-    /// The server is held only to keep it running.
+    /// The raw TLS baseline; its server keeps running while held and counts what it wrote.
     Raw {
         server: RawTlsServer,
         client: RawTlsClient,
@@ -1719,7 +1724,7 @@ impl SnapshotBench {
                         .await
                         .map_err(|e| bench_err("snapshot file")(e.to_string()))?;
                     let elapsed = client.send_file(&mut file, self.size, chunk).await?;
-                    let written = server.written.load(std::sync::atomic::Ordering::Relaxed);
+                    let written = server.written.load(std::sync::atomic::Ordering::Acquire);
                     if written != self.size {
                         return Err(bench_err("snapshot")(format!(
                             "{written} of {} bytes written on the raw receiver",

@@ -56,6 +56,11 @@ async fn appends_and_snapshots_cross_a_veth_link() {
             !std::path::Path::new(&format!("/var/run/netns/{stale}")).exists(),
             "the stale namespace {stale} was not removed"
         );
+        let host = stale.replace("rwbench-", "rwb");
+        assert!(
+            !std::path::Path::new(&format!("/sys/class/net/{host}")).exists(),
+            "the stale link {host} was not removed"
+        );
     }
     let mut subjects = Subject::transports();
     subjects.push(Subject::RawTls);

@@ -82,7 +82,9 @@ fn ip(args: &[&str]) -> Result<(), String> {
 
 /// Removes the namespaces and links an earlier run left behind when it was killed before its
 /// `Drop` ran (`rwbench-<pid>` / `rwb<pid>` of a process that no longer exists): a stale
-/// link still holding 198.18.0.1/30 would route this run's traffic into nowhere.
+/// link still holding 198.18.0.1/30 would route this run's traffic into nowhere. "No longer
+/// exists" is judged by this PID namespace's `/proc`: containers that share a network
+/// namespace but not a PID namespace must not run the veth benchmarks side by side.
 fn remove_stale() {
     let dead =
         |pid: &str| pid.parse::<u32>().is_ok() && !std::path::Path::new(&format!("/proc/{pid}")).exists();

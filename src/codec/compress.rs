@@ -142,7 +142,16 @@ impl Compressor {
             }
         }
         let mut empty = InBuffer::around(&[]);
-        while cctx.compress_stream2(&mut output, &mut empty, ZSTD_EndDirective::ZSTD_e_end)? != 0 {}
+        loop {
+            let before = output.pos();
+            if cctx.compress_stream2(&mut output, &mut empty, ZSTD_EndDirective::ZSTD_e_end)? == 0 {
+                break;
+            }
+            if output.pos() == before {
+                // No room left (compress_bound rules it out): not smaller, send it as it is.
+                return Ok(None);
+            }
+        }
         let written = output.pos();
         Ok((written - gap < body_len).then(|| {
             dst.truncate(written);

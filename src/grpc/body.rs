@@ -89,6 +89,7 @@ impl Framer {
 
     /// `msg`, whose encoded length is `len`, as one gRPC message, its entry payloads uncopied.
     pub(crate) fn append(&mut self, msg: &pb::AppendEntriesRequest, len: usize) -> Result<Chunks, Status> {
+        debug_assert_eq!(len, msg.encoded_len(), "the caller's encoded length");
         let mut w = Writer::new(self.check(len)?);
         // Fields 1 and 2, then the entries (3), then field 4: prost's order.
         let head = pb::AppendEntriesRequest {
