@@ -593,6 +593,12 @@ pub(crate) fn compiled_transports() -> String {
 /// larger one is refused like an oversized frame. gRPC uses gRPC's own message compression
 /// (`grpc-encoding: zstd`) for replication and snapshot messages as above (at `level`, from
 /// `min_size` bytes); unary calls and replies are never compressed.
+///
+/// Memory: every sending stream (a replication session, a snapshot upload, a QUIC or TCP
+/// exchange) keeps one zstd compression context for as long as it lives, made when its first
+/// large frame is compressed; its size grows with the level, from about a megabyte at the
+/// fast levels to tens of MiB at level 19. QUIC and TCP receivers keep one decompression
+/// context per stream, its window capped at 8 MiB; gRPC receivers use tonic's zstd decoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[cfg(feature = "compression")]
 pub enum Compression {
