@@ -254,28 +254,43 @@ fn append(c: &mut Criterion, rt: &tokio::runtime::Runtime) {
     group.finish();
 }
 
-/// Times about 8 MiB of pipelined appends per iteration, then stops the follower. `id` is
-/// (group, function, parameter).
-fn measure_appends(
+/// Times `run` (one iteration each), recording the process's CPU time beside criterion's
+/// wall time. `id` is (group, function, parameter).
+fn measure(
     group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
     rt: &tokio::runtime::Runtime,
-    mut bench: AppendBench,
+    throughput: Throughput,
     (group_name, function, parameter): (&str, String, String),
+    mut run: impl AsyncFnMut() -> Duration,
 ) {
-    let requests = ((8usize << 20) / bench.bytes_per_request() as usize).max(8);
     let key = format!("{group_name}/{function}/{parameter}");
-    group.throughput(Throughput::Bytes(bench.bytes_per_request() * requests as u64));
+    group.throughput(throughput);
     group.bench_function(BenchmarkId::new(function, parameter), |b| {
         b.iter_custom(|iters| {
             let _cpu = CpuCount::new(key.clone(), iters);
             rt.block_on(async {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
-                    total += bench.run(requests).await.expect("append");
+                    total += run().await;
                 }
                 total
             })
         })
+    });
+}
+
+/// Times about 8 MiB of pipelined appends per iteration, then stops the follower. `id` is
+/// (group, function, parameter).
+fn measure_appends(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    mut bench: AppendBench,
+    id: (&str, String, String),
+) {
+    let requests = ((8usize << 20) / bench.bytes_per_request() as usize).max(8);
+    let bytes = Throughput::Bytes(bench.bytes_per_request() * requests as u64);
+    measure(group, rt, bytes, id, async || {
+        bench.run(requests).await.expect("append")
     });
     rt.block_on(bench.stop());
 }
@@ -287,21 +302,10 @@ fn measure_snapshots(
     rt: &tokio::runtime::Runtime,
     mut bench: SnapshotBench,
     size: u64,
-    (group_name, function, parameter): (&str, String, String),
+    id: (&str, String, String),
 ) {
-    let key = format!("{group_name}/{function}/{parameter}");
-    group.throughput(Throughput::Bytes(size));
-    group.bench_function(BenchmarkId::new(function, parameter), |b| {
-        b.iter_custom(|iters| {
-            let _cpu = CpuCount::new(key.clone(), iters);
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    total += bench.run().await.expect("snapshot");
-                }
-                total
-            })
-        })
+    measure(group, rt, Throughput::Bytes(size), id, async || {
+        bench.run().await.expect("snapshot")
     });
     rt.block_on(bench.stop());
 }
